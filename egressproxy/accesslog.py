@@ -1,0 +1,113 @@
+"""The access log: one record per finished downstream connection.
+
+Shape (Envoy's default TCP line, which operators already grep)::
+
+    [2026-06-07T08:11:33.490Z] DIRECT [fdaa:0:1::3]:63276 db.example.cloud:5432 1284 892 45 "-"
+
+start time (UTC, ms) · prefix · downstream peer · upstream host:port dialled ·
+bytes received from downstream · bytes sent to downstream · duration ms ·
+response flags (comma separated, ``-`` for none).
+
+This module owns the record and the pure formatters; it does not decide
+flags (sessions do) or where lines go (``make_access_logger`` wires a
+``twisted.logger`` observer to a stream; the service passes stdout).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import IO, Callable
+
+import attrs
+from twisted.logger import FileLogObserver, Logger
+
+#: Response flags, as Envoy spells them, and what each means here.
+FLAGS = {
+    "UF": "upstream connect failure (refused, unreachable, DNS)",
+    "UT": "upstream connect timeout",
+    "UO": "upstream overflow: the cluster's circuit breaker is open",
+    "UH": "no healthy upstream",
+    "NR": "no route: destination or server name not allowed",
+    "DI": "idle timeout",
+    "DC": "downstream connection terminated abnormally (reset)",
+    "UC": "upstream connection terminated abnormally (reset)",
+    "RBAC": "source address not in the listener's allow_sources",
+    "OM": "listener at max_connections (overload)",
+}
+
+
+@attrs.frozen
+class AccessRecord:
+    """What is known about one downstream connection once it has ended."""
+
+    start: float  # seconds since the epoch
+    listener: str
+    prefix: str
+    downstream: str
+    upstream: str
+    bytes_received: int
+    bytes_sent: int
+    duration_ms: int
+    flags: tuple[str, ...] = ()
+
+
+def format_timestamp(seconds: float) -> str:
+    """``2026-06-07T08:11:33.490Z``: UTC with milliseconds, like Envoy's START_TIME."""
+    whole = int(seconds)
+    millis = int(round((seconds - whole) * 1000))
+    if millis == 1000:
+        whole, millis = whole + 1, 0
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + f".{millis:03d}Z"
+
+
+def format_flags(flags: tuple[str, ...]) -> str:
+    return ",".join(flags) if flags else "-"
+
+
+def format_text(record: AccessRecord) -> str:
+    """The Envoy-shaped text line, without a newline."""
+    return (
+        f"[{format_timestamp(record.start)}] {record.prefix} {record.downstream} "
+        f"{record.upstream} {record.bytes_received} {record.bytes_sent} "
+        f'{record.duration_ms} "{format_flags(record.flags)}"'
+    )
+
+
+def format_json(record: AccessRecord) -> str:
+    """One JSON object, keys named after Envoy's command operators."""
+    return json.dumps(
+        {
+            "start_time": format_timestamp(record.start),
+            "listener": record.listener,
+            "prefix": record.prefix,
+            "downstream_remote_address": record.downstream,
+            "upstream_host": record.upstream,
+            "bytes_received": record.bytes_received,
+            "bytes_sent": record.bytes_sent,
+            "duration_ms": record.duration_ms,
+            "response_flags": format_flags(record.flags),
+        },
+        separators=(",", ":"),
+    )
+
+
+FORMATTERS: dict[str, Callable[[AccessRecord], str]] = {"text": format_text, "json": format_json}
+
+
+def make_access_logger(stream: IO[str], format: str = "text") -> Logger:
+    """A Logger whose only observer writes each record as one line to ``stream``.
+
+    A Logger given its own observer never reaches the global log publisher,
+    so access lines are not duplicated in twistd's log.  Emit records with
+    ``logger.info("{record}", record=record)``.
+    """
+    formatter = FORMATTERS[format]
+
+    def format_event(event: dict) -> str | None:
+        record = event.get("record")
+        if not isinstance(record, AccessRecord):
+            return None
+        return formatter(record) + "\n"
+
+    return Logger(namespace="egressproxy.access", observer=FileLogObserver(stream, format_event))

@@ -1,0 +1,76 @@
+"""Runtime state of one configured listener: admission and its counters.
+
+Counters are plain integers updated by sessions and read by the metrics
+collector at scrape time.  Byte totals are the sum of finished sessions plus
+the live ones, so a long-lived connection's traffic shows up while it flows.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from egressproxy.accesslog import AccessRecord
+from egressproxy.addresses import peer_ip, source_allowed
+from egressproxy.config import ListenerConfig
+from egressproxy.upstream import UpstreamCluster
+
+if TYPE_CHECKING:
+    from egressproxy.session import Session
+
+
+class ListenerRuntime:
+    """One listener's config, cluster, live sessions and totals."""
+
+    log = Logger()
+
+    def __init__(
+        self, config: ListenerConfig, cluster: UpstreamCluster, reactor: IReactorTime, access_log: Logger
+    ) -> None:
+        self.config = config
+        self.cluster = cluster
+        self.reactor = reactor
+        self.access_log = access_log
+        self.sessions: set[Session] = set()
+        self.connections_total = 0
+        self.rejected: dict[str, int] = {}
+        self.finished_bytes_received = 0
+        self.finished_bytes_sent = 0
+
+    def admit(self, session: Session) -> str | None:
+        """Count a new connection; the refusal flag if it may not proceed, else None.
+
+        Refusals happen before any upstream is dialled.
+        """
+        self.connections_total += 1
+        if not source_allowed(peer_ip(session.peer_address), self.config.allow_sources):
+            self._reject("source")
+            return "RBAC"
+        if len(self.sessions) >= self.config.max_connections:
+            self._reject("max_connections")
+            return "OM"
+        self.sessions.add(session)
+        return None
+
+    def _reject(self, reason: str) -> None:
+        self.rejected[reason] = self.rejected.get(reason, 0) + 1
+
+    @property
+    def active(self) -> int:
+        return len(self.sessions)
+
+    @property
+    def bytes_received(self) -> int:
+        return self.finished_bytes_received + sum(s.bytes_received for s in self.sessions)
+
+    @property
+    def bytes_sent(self) -> int:
+        return self.finished_bytes_sent + sum(s.bytes_sent for s in self.sessions)
+
+    def session_finished(self, session: Session, record: AccessRecord) -> None:
+        self.sessions.discard(session)
+        self.finished_bytes_received += session.bytes_received
+        self.finished_bytes_sent += session.bytes_sent
+        self.access_log.info("{record}", record=record)

@@ -1,0 +1,1 @@
+"""Front protocols, one module per listener ``mode``."""

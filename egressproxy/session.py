@@ -1,0 +1,183 @@
+"""Session: one downstream connection, from accept to its access-log line.
+
+A session owns the connection's counters (plain integers the data path adds
+to), its outcome flags, its timers and its upstream dial; it ends exactly
+once, in :meth:`Session.finish`, which emits the access record and updates
+the listener's totals.  The byte path itself lives in ``splice.py``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from twisted.internet.error import ConnectionAborted, ConnectionLost
+from twisted.internet.interfaces import IAddress, IDelayedCall
+from twisted.python.failure import Failure
+
+from egressproxy.accesslog import AccessRecord
+from egressproxy.addresses import format_peer
+from egressproxy.config import Address
+from egressproxy.sockopts import tune_tcp
+from egressproxy.splice import LINGER, DownstreamLeg, Leg, UpstreamLeg, join
+from egressproxy.upstream import UpstreamConnectFailed, UpstreamDial
+
+if TYPE_CHECKING:
+    from egressproxy.listener import ListenerRuntime
+
+
+class Session:
+    """State of one downstream connection; see the module docstring."""
+
+    def __init__(self, listener: ListenerRuntime, peer: IAddress) -> None:
+        self.listener = listener
+        self.reactor = listener.reactor
+        self.start = self.reactor.seconds()
+        self.peer_address = peer
+        self.bytes_received = 0
+        self.bytes_sent = 0
+        self.upstream_name = "-"
+        self.flags: list[str] = []
+        self.keepalive = listener.cluster.config.keepalive
+        self.down: DownstreamLeg | None = None
+        self.up: UpstreamLeg | None = None
+        self.finished = False
+        self._dial: UpstreamDial | None = None
+        self._timers: list[IDelayedCall] = []
+        self._idle_seen = 0
+        self._idle_since = 0.0
+
+    # -- outcome -----------------------------------------------------------
+
+    def flag(self, flag: str) -> None:
+        """Record an outcome flag (each at most once, in order of occurrence)."""
+        if flag not in self.flags:
+            self.flags.append(flag)
+
+    def finish(self) -> None:
+        """End the session: cancel timers, emit its one access record."""
+        if self.finished:
+            return
+        self.finished = True
+        for timer in self._timers:
+            if timer.active():
+                timer.cancel()
+        self._timers = []
+        end = self.reactor.seconds()
+        record = AccessRecord(
+            start=self.start,
+            listener=self.listener.config.name,
+            prefix=self.listener.config.log_prefix,
+            downstream=format_peer(self.peer_address),
+            upstream=self.upstream_name,
+            bytes_received=self.bytes_received,
+            bytes_sent=self.bytes_sent,
+            duration_ms=max(0, int(round((end - self.start) * 1000))),
+            flags=tuple(self.flags),
+        )
+        self.listener.session_finished(self, record)
+
+    # -- lifecycle -----------------------------------------------------------
+
+    def downstream_connected(self, leg: DownstreamLeg) -> None:
+        """A client connected: admit it, then hold its bytes while the upstream connects."""
+        self.down = leg
+        tune_tcp(leg.transport, self.keepalive)
+        refusal = self.listener.admit(self)
+        if refusal is not None:
+            self.flag(refusal)
+            leg.close()
+            return
+        leg.transport.pauseProducing()
+        self.connect_upstream()
+
+    def connect_upstream(self) -> None:
+        """Dial the listener's cluster, unless its circuit breaker is open."""
+        up = UpstreamLeg(self)
+        dial = self.listener.cluster.dial(up, self._attempting)
+        if dial is None:
+            self.flag("UO")
+            self.down.close()  # type: ignore[union-attr]
+            return
+        self.up = up
+        self._dial = dial
+        dial.deferred.addCallbacks(self._upstream_connected, self._upstream_failed)
+
+    def _attempting(self, address: Address) -> None:
+        self.upstream_name = str(address)
+
+    def _upstream_connected(self, up: UpstreamLeg) -> None:
+        self._dial = None
+        join(self.down, up)  # type: ignore[arg-type]
+        self._start_idle_timer()
+
+    def _upstream_failed(self, failure: Failure) -> None:
+        self._dial = None
+        self.up = None
+        error = failure.check(UpstreamConnectFailed)
+        self.flag(failure.value.flag if error else "UF")
+        self.listener.log.info(
+            "{listener}: upstream {upstream} failed for {peer}: {reason}",
+            listener=self.listener.config.name,
+            upstream=self.upstream_name,
+            peer=format_peer(self.peer_address),
+            reason=failure.getErrorMessage(),
+        )
+        self.down.close()  # type: ignore[union-attr]
+
+    def leg_lost(self, leg: Leg, reason: Failure) -> None:
+        """One leg's connection is gone: close the other, finish when both are."""
+        down, up = self.down, self.up
+        if reason.check(ConnectionLost) and not reason.check(ConnectionAborted):
+            # A reset, not a FIN; our own aborts (idle, linger) carry their own flag.
+            self.flag("DC" if leg is down else "UC")
+        if leg is up:
+            self.listener.cluster.breaker.released()
+        elif self._dial is not None:
+            self._dial.cancel()
+            self._dial = None
+            self.up = up = None
+        other = up if leg is down else down
+        if other is not None and not other.lost:
+            other.close()
+            self._after(LINGER, other.abort)
+            return
+        self.finish()
+
+    def refuse_overlong_preamble(self) -> None:
+        """A client delivered more than a splice holds before connecting: drop it."""
+        if self.down is not None:
+            self.down.abort()
+
+    # -- timers --------------------------------------------------------------
+
+    def _after(self, delay: float, f) -> None:  # type: ignore[no-untyped-def]
+        self._timers.append(self.reactor.callLater(delay, f))
+
+    def _start_idle_timer(self) -> None:
+        timeout = self.listener.cluster.config.idle_timeout
+        if not timeout:
+            return
+        self._idle_seen = self.bytes_received + self.bytes_sent
+        self._idle_since = self.reactor.seconds()
+        self._after(timeout / 4, self._check_idle)
+
+    def _check_idle(self) -> None:
+        """Close the session once no byte has moved for ``idle_timeout`` (flag DI).
+
+        Runs every quarter of the timeout and compares the byte counters, so
+        the data path never touches a timer (see splice.py's notes).
+        """
+        timeout = self.listener.cluster.config.idle_timeout
+        assert timeout
+        now = self.reactor.seconds()
+        seen = self.bytes_received + self.bytes_sent
+        if seen != self._idle_seen:
+            self._idle_seen = seen
+            self._idle_since = now
+        elif now - self._idle_since >= timeout:
+            self.flag("DI")
+            for leg in (self.down, self.up):
+                if leg is not None:
+                    leg.abort()
+            return
+        self._after(timeout / 4, self._check_idle)

@@ -1,0 +1,51 @@
+"""The twistd plugin's options and service factory: assembly only.
+
+The config is loaded and validated in ``Options.postOptions``, so a bad file
+makes ``twistd`` print every error and exit before anything is bound.
+"""
+
+from __future__ import annotations
+
+import os
+
+from twisted.application.service import IService
+from twisted.python import usage
+
+from egressproxy.config import Config, ConfigError, load_config
+
+DEFAULT_CONFIG = "egressproxy.yaml"
+
+
+def default_config_path(environ: dict[str, str] | os._Environ[str]) -> str:
+    """``$EGRESSPROXY_CONFIG``, else ``./egressproxy.yaml``."""
+    return environ.get("EGRESSPROXY_CONFIG") or DEFAULT_CONFIG
+
+
+class Options(usage.Options):
+    synopsis = "[--config FILE]"
+    longdesc = (
+        "Run egressproxy: TCP listeners forwarding to upstream clusters. "
+        "Without --config, $EGRESSPROXY_CONFIG, then ./egressproxy.yaml."
+    )
+    optParameters = [["config", "c", None, "Path to the YAML configuration file."]]
+
+    loaded: Config
+
+    def postOptions(self) -> None:
+        path = self["config"] or default_config_path(os.environ)
+        self["config"] = path
+        if not os.path.exists(path):
+            raise usage.UsageError(f"config file {path!r} not found (give --config FILE or set EGRESSPROXY_CONFIG)")
+        try:
+            self.loaded = load_config(path, os.environ)
+        except ConfigError as e:
+            raise usage.UsageError(f"invalid configuration:\n{e}") from None
+
+
+def makeService(options: Options, reactor=None) -> IService:  # type: ignore[no-untyped-def]
+    """Build the service tree; only here may the global reactor be used."""
+    if reactor is None:
+        from twisted.internet import reactor  # noqa: PLC0415
+    from egressproxy.service import EgressService
+
+    return EgressService(options.loaded, reactor)

@@ -1,0 +1,189 @@
+"""Upstream clusters: which endpoint to dial, the breaker, and the dial itself.
+
+A cluster owns its runtime state (endpoint rotation, circuit breaker, connect
+counters); an :class:`UpstreamDial` is one downstream connection's attempt to
+reach it.  Each attempt dials one endpoint through ``HostnameEndpoint``, so
+names are resolved per connection (a provider that moves its database to a
+new address is followed without a restart) over IPv4 and IPv6.  A ``hosts:``
+pin replaces the name by its address before the endpoint is built; the name
+itself stays in logs.
+
+Failover: up to ``max_connect_attempts`` attempts, each to the next endpoint
+in round-robin order, each bounded by ``connect_timeout`` (DNS included).
+There is no delay between attempts: a refused connect is cheap, and the
+attempts are bounded in number.  This module does not know about TLS or
+health checks.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from twisted.internet import defer, error
+from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.interfaces import IProtocol, IReactorTime
+from twisted.internet.protocol import Factory, Protocol
+from twisted.python.failure import Failure
+
+from egressproxy.breaker import CircuitBreaker
+from egressproxy.config import Address, ClusterConfig
+
+
+class UpstreamConnectFailed(Exception):
+    """Every attempt failed; ``flag`` and ``reason`` describe the last one."""
+
+    def __init__(self, address: Address, reason: str, flag: str, detail: str) -> None:
+        super().__init__(f"{address}: {reason}: {detail}")
+        self.address = address
+        self.reason = reason
+        self.flag = flag
+        self.detail = detail
+
+
+def classify_connect_failure(failure: Failure) -> tuple[str, str]:
+    """(metric reason, access-log flag) for a failed connect."""
+    if failure.check(defer.TimeoutError, error.TimeoutError):
+        return "timeout", "UT"
+    if failure.check(error.ConnectionRefusedError):
+        return "refused", "UF"
+    if failure.check(error.DNSLookupError):
+        return "dns", "UF"
+    if failure.check(error.NoRouteError):
+        return "unreachable", "UF"
+    return "error", "UF"
+
+
+class UpstreamCluster:
+    """Runtime state of one configured cluster."""
+
+    def __init__(
+        self, config: ClusterConfig, reactor: IReactorTime, pinned: Callable[[str], str | None]
+    ) -> None:
+        self.config = config
+        self.reactor = reactor
+        self.pinned = pinned
+        self.breaker = CircuitBreaker(config.max_connections, config.max_pending)
+        self.connections_total = 0
+        self.connect_failures: dict[str, int] = {}
+        self._next_endpoint = 0
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    def endpoint_order(self) -> list[Address]:
+        """All endpoints, starting one further along at each call (round robin)."""
+        endpoints = self.config.endpoints
+        start = self._next_endpoint % len(endpoints)
+        self._next_endpoint = start + 1
+        return list(endpoints[start:] + endpoints[:start])
+
+    def dial(self, protocol: Protocol, on_attempt: Callable[[Address], None]) -> UpstreamDial | None:
+        """Start connecting ``protocol`` to this cluster; None when the breaker is open."""
+        if not self.breaker.try_acquire_pending():
+            return None
+        attempt = UpstreamDial(self, protocol, on_attempt)
+        attempt.start()
+        return attempt
+
+
+class _OnceFactory(Factory):
+    """Hands out the one protocol instance once, then refuses (closes) any second connection.
+
+    HostnameEndpoint may race connections to several addresses; only the
+    first to connect may own the leg.
+    """
+
+    noisy = False  # one per connection: no "Starting factory" log lines
+
+    def __init__(self, protocol: Protocol) -> None:
+        self._protocol: Protocol | None = protocol
+
+    def buildProtocol(self, addr: object) -> Protocol | None:
+        protocol, self._protocol = self._protocol, None
+        return protocol
+
+
+class UpstreamDial:
+    """One downstream connection's attempts to reach its cluster.
+
+    ``deferred`` fires with the connected protocol, or fails with
+    :class:`UpstreamConnectFailed`; after :meth:`cancel` it never fires.
+    """
+
+    def __init__(self, cluster: UpstreamCluster, protocol: Protocol, on_attempt: Callable[[Address], None]) -> None:
+        self.cluster = cluster
+        self.protocol = protocol
+        self.on_attempt = on_attempt
+        self.deferred: defer.Deferred[IProtocol] = defer.Deferred()
+        self._order = cluster.endpoint_order()
+        self._attempts_left = cluster.config.max_connect_attempts
+        self._tried = 0
+        self._attempt: defer.Deferred[IProtocol] | None = None
+        self._done = False
+
+    def start(self) -> None:
+        self._attempt_next()
+
+    def _attempt_next(self) -> None:
+        cluster = self.cluster
+        address = self._order[self._tried % len(self._order)]
+        self._tried += 1
+        self._attempts_left -= 1
+        self.address = address
+        self.on_attempt(address)
+        host = cluster.pinned(address.host) or address.host
+        timeout = cluster.config.connect_timeout
+        endpoint = HostnameEndpoint(cluster.reactor, host, address.port, timeout=timeout)
+        self._timed_out = False
+        # One deadline for the whole attempt, name resolution included
+        # (HostnameEndpoint's own timeout covers only each TCP connect).
+        self._deadline = cluster.reactor.callLater(timeout, self._attempt_timed_out)
+        attempt = endpoint.connect(_OnceFactory(self.protocol))
+        self._attempt = attempt
+        attempt.addCallbacks(self._connected, self._failed)
+
+    def _attempt_timed_out(self) -> None:
+        self._timed_out = True
+        if self._attempt is not None:
+            self._attempt.cancel()
+
+    def _settled(self) -> None:
+        self._attempt = None
+        if self._deadline.active():
+            self._deadline.cancel()
+
+    def _connected(self, protocol: IProtocol) -> None:
+        self._settled()
+        if self._done:
+            return
+        self._done = True
+        self.cluster.breaker.connected()
+        self.cluster.connections_total += 1
+        self.deferred.callback(protocol)
+
+    def _failed(self, failure: Failure) -> None:
+        self._settled()
+        if self._done:
+            return
+        if self._timed_out:
+            failure = Failure(error.TimeoutError(f"no connection within {self.cluster.config.connect_timeout:g}s"))
+        reason, flag = classify_connect_failure(failure)
+        failures = self.cluster.connect_failures
+        failures[reason] = failures.get(reason, 0) + 1
+        if self._attempts_left > 0:
+            self._attempt_next()
+            return
+        self._done = True
+        self.cluster.breaker.connect_failed()
+        detail = failure.getErrorMessage()
+        self.deferred.errback(UpstreamConnectFailed(self.address, reason, flag, detail))
+
+    def cancel(self) -> None:
+        """Give up (the client left): free the breaker slot, stop the attempt in flight."""
+        if self._done:
+            return
+        self._done = True
+        self.cluster.breaker.connect_failed()
+        if self._attempt is not None:
+            self._attempt.cancel()  # fires _failed, which settles the deadline
