@@ -24,15 +24,25 @@ from typing import IO
 
 from twisted.application.service import MultiService
 from twisted.internet import defer
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import IListeningPort, IReactorCore
 from twisted.logger import Logger
 
 from egressproxy.accesslog import make_access_logger
+from egressproxy.addresses import format_host_port
 from egressproxy.config import Config
 from egressproxy.listen import ListenError, listen
 from egressproxy.listener import ListenerRuntime
 from egressproxy.modes.tcp import TcpProxyFactory
 from egressproxy.upstream import UpstreamCluster
+
+
+def format_bound(port: IListeningPort) -> str:
+    """The address a port really bound, e.g. ``[::]:5432`` or ``127.0.0.1:40123``."""
+    host = port.getHost()
+    if isinstance(host, (IPv4Address, IPv6Address)):
+        return format_host_port(host.host, host.port)
+    return str(getattr(host, "name", host))
 
 
 class EgressService(MultiService):
@@ -68,10 +78,10 @@ class EgressService(MultiService):
                 raise SystemExit(f"egressproxy: listener {name!r}: {e}") from None
             self.ports[name] = port
             self.log.info(
-                "listener {name} ({mode}) on {address} -> cluster {cluster}",
+                "listener {name} ({mode}) listening on {address} -> cluster {cluster}",
                 name=name,
                 mode=runtime.config.mode,
-                address=runtime.config.listen.text,
+                address=format_bound(port),
                 cluster=runtime.cluster.name,
             )
         super().privilegedStartService()
@@ -81,6 +91,12 @@ class EgressService(MultiService):
             # startService without privilegedStartService (e.g. in tests).
             self.privilegedStartService()
         super().startService()
+
+    def abort_sessions(self) -> None:
+        """Drop every live connection now (tests, and the end of a drain)."""
+        for runtime in self.listeners.values():
+            for session in list(runtime.sessions):
+                session.abort()
 
     def stopService(self) -> defer.Deferred[None]:
         stopping = [defer.maybeDeferred(port.stopListening) for port in self.ports.values()]

@@ -127,7 +127,7 @@ class Session:
     def leg_lost(self, leg: Leg, reason: Failure) -> None:
         """One leg's connection is gone: close the other, finish when both are."""
         down, up = self.down, self.up
-        if reason.check(ConnectionLost) and not reason.check(ConnectionAborted):
+        if reason.check(ConnectionLost) and not reason.check(ConnectionAborted) and self._ending_abruptly():
             # A reset, not a FIN; our own aborts (idle, linger) carry their own flag.
             self.flag("DC" if leg is down else "UC")
         if leg is up:
@@ -142,6 +142,28 @@ class Session:
             self._after(LINGER, other.abort)
             return
         self.finish()
+
+    def abort(self) -> None:
+        """Drop both legs now and stop any dial in progress."""
+        if self._dial is not None:
+            self._dial.cancel()
+            self._dial = None
+            self.up = None
+        for leg in (self.down, self.up):
+            if leg is not None:
+                leg.abort()
+
+    def _ending_abruptly(self) -> bool:
+        """True when a reset is the first sign that this session is ending.
+
+        Once either side has sent EOF, or one leg is already gone, the session
+        is closing normally, and a reset then is how many peers finish: a
+        PostgreSQL backend exits after a client's Terminate without reading
+        the TLS close_notify that follows, so its kernel answers with RST.
+        Flagging those would mark every TLS session as broken.
+        """
+        legs = [leg for leg in (self.down, self.up) if leg is not None]
+        return not any(leg.read_closed for leg in legs) and sum(leg.lost for leg in legs) <= 1
 
     def refuse_overlong_preamble(self) -> None:
         """A client delivered more than a splice holds before connecting: drop it."""

@@ -1,0 +1,1476 @@
+"""The configuration file: YAML text in, frozen attrs objects out.
+
+This module owns the file format and everything that can be known about a
+configuration without touching the network: which keys exist, their types and
+ranges, ``${ENV}`` interpolation, cross references (a listener names a defined
+cluster, two listeners do not claim the same address) and the wording of every
+error. Its only door is :func:`load_config` (or :func:`parse_config` for text
+already in hand); both are pure apart from reading the file (and the
+certificate an ``ssl:`` listen description names), and both
+report every problem at once in a single :class:`ConfigError`, each line shaped
+``FILE:LINE: key.path: message``.
+
+It does not own what the values mean at run time: it does not resolve names,
+bind or connect sockets, install a resolver for ``hosts:`` or build Twisted
+endpoints (the listener and cluster modules do that from these objects). It does
+not read ``os.environ`` itself; callers pass the mapping in, so tests and
+reloads decide which environment a file is read against.
+
+Not supported in this version: the ``postgres``, ``http_connect`` and
+``socks5`` listener modes and their keys, and the ``admin``, ``metrics``,
+``drain_timeout``, ``shutdown_delay``, ``health_check``, ``tls`` and
+``proxy_protocol`` keys from the design; they are rejected as unknown keys so a
+file written for a later version fails loudly instead of half working. YAML
+merge keys (``<<``) are not supported either. Interpolation applies to string
+values only, never to keys.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from ipaddress import (
+    IPv4Address,
+    IPv4Network,
+    IPv6Address,
+    IPv6Network,
+    ip_address,
+    ip_network,
+)
+from typing import Any, NoReturn, TypeVar
+
+import attrs
+import yaml
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.testing import MemoryReactor
+
+__all__ = [
+    "AccessLogConfig",
+    "Address",
+    "ClusterConfig",
+    "Config",
+    "ConfigError",
+    "Keepalive",
+    "ListenAddress",
+    "ListenerConfig",
+    "load_config",
+    "parse_config",
+    "parse_duration",
+]
+
+IPNetwork = IPv4Network | IPv6Network
+Path = tuple[str | int, ...]
+T = TypeVar("T")
+
+
+class ConfigError(Exception):
+    """Every problem found in one configuration file.
+
+    The loader collects all of them before raising, because an operator fixing a
+    file one error per run is an operator who stops trusting the tool. Each entry
+    reads ``FILE:LINE: key.path: message`` and ``str()`` joins them with newlines,
+    so printing the exception is enough.
+    """
+
+    errors: tuple[str, ...]
+
+    def __init__(self, errors: Iterable[str]) -> None:
+        self.errors = tuple(errors)
+        super().__init__("\n".join(self.errors))
+
+    def __str__(self) -> str:
+        return "\n".join(self.errors)
+
+
+# ---------------------------------------------------------------------------
+# Pure value parsers, shared by the loader and the attrs validators.
+
+_NAME_RE = re.compile(r"[a-z0-9_-]+\Z")
+_LABEL_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\Z")
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ms|h|m|s)")
+_PLAIN_NUMBER = re.compile(r"(?:\d+(?:\.\d*)?|\.\d+)\Z")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_DURATION_HINT = (
+    "expected a duration such as 250ms, 5s, 2m, 1h or 1m30s "
+    "(a plain number means seconds)"
+)
+_ENDPOINT_HINT = "expected HOST:PORT (e.g. db.example.com:5432 or [2001:db8::1]:5432)"
+_LISTEN_HINT = (
+    "expected IP:PORT, [IPV6]:PORT, :PORT for all interfaces "
+    "(e.g. :5432, [::]:5432, 127.0.0.1:5432) or a Twisted endpoint description "
+    "(e.g. tcp6:5432)"
+)
+# Endpoint types Twisted ships. A listen value starting with one of these and a
+# colon is an endpoint description; other prefixes are asked of Twisted itself
+# (plugins may add types) only when the value could also be NAME:PORT.
+_BUILTIN_ENDPOINT_TYPES = frozenset({"tcp", "tcp6", "unix", "ssl", "systemd"})
+# The kernel keeps keepalive times as whole seconds up to this bound
+# (MAX_TCP_KEEPIDLE and MAX_TCP_KEEPINTVL on Linux) and at most 127 probes.
+_MAX_KEEPALIVE_SECONDS = 32767
+_MAX_KEEPALIVE_COUNT = 127
+
+
+def _show(value: object) -> str:
+    """Render a config value the way the user would recognise it in the file."""
+    if value is None:
+        return "null"
+    if value is True:
+        return "true"
+    if value is False:
+        return "false"
+    return repr(value)
+
+
+def parse_duration(value: object) -> float:
+    """Turn ``250ms``, ``5s``, ``2m``, ``1h``, ``1m30s`` or a number into seconds.
+
+    Plain numbers (and digit strings, which interpolation produces) are seconds.
+    Negative, non-finite and unparseable values raise ``ValueError`` with a
+    message fit to show the operator as it is.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError(f"{_DURATION_HINT}, got {_show(value)}")
+    if isinstance(value, (int, float)):
+        if not math.isfinite(value):
+            raise ValueError(f"{_DURATION_HINT}, got {_show(value)}")
+        if value < 0:
+            raise ValueError(f"a duration cannot be negative, got {_show(value)}")
+        return float(value)
+    text = value
+    if text.startswith("-") and text[1:] and _is_duration_text(text[1:]):
+        raise ValueError(f"a duration cannot be negative, got {text!r}")
+    if _PLAIN_NUMBER.match(text):
+        return float(text)
+    if not _is_duration_text(text):
+        raise ValueError(f"{_DURATION_HINT}, got {text!r}")
+    return sum(
+        float(number) * _DURATION_UNITS[unit]
+        for number, unit in _DURATION_PART.findall(text)
+    )
+
+
+def _is_duration_text(text: str) -> bool:
+    """Whether ``text`` is a plain number or an unbroken run of NUMBER+UNIT parts."""
+    if _PLAIN_NUMBER.match(text):
+        return True
+    position = 0
+    for match in _DURATION_PART.finditer(text):
+        if match.start() != position:
+            return False
+        position = match.end()
+    return position > 0 and position == len(text)
+
+
+def _hostname_problem(name: str) -> str | None:
+    """Say what is wrong with ``name`` as a DNS host name, or ``None`` if nothing.
+
+    Only the syntax is checked (RFC 1123 labels); whether the name resolves is the
+    business of ``egressproxy doctor``, not of loading a file.
+    """
+    shape = (
+        "letters, digits and '-' in dot-separated labels of 1-63 characters, "
+        "at most 253 in all"
+    )
+    if not name:
+        return "the host name is empty"
+    if len(name) > 253:
+        return f"host name {name!r} is longer than 253 characters"
+    labels = name.split(".")
+    if not all(_LABEL_RE.match(label) for label in labels):
+        return f"{name!r} is not a valid host name ({shape})"
+    if all(label.isdigit() for label in labels):
+        return f"{name!r} is not a valid IPv4 address"
+    return None
+
+
+def _port(text: str, low: int, what: str) -> int:
+    """Parse a decimal port number in ``low``..65535, or raise ``ValueError``."""
+    if not text.isascii() or not text.isdigit():
+        raise ValueError(f"expected a port number {low}-65535 {what}, got {text!r}")
+    port = int(text)
+    if not low <= port <= 65535:
+        raise ValueError(f"port {port} is out of range ({low}-65535)")
+    return port
+
+
+def _ip_literal(text: str) -> IPv4Address | IPv6Address | None:
+    """The IP address ``text`` spells, or ``None`` if it spells none."""
+    try:
+        return ip_address(text)
+    except ValueError:
+        return None
+
+
+def _split_host_port(text: str, hint: str) -> tuple[str, str, bool]:
+    """Split ``HOST:PORT`` or ``[V6]:PORT`` into host, port text and bracketed flag."""
+    if text.startswith("["):
+        host, sep, port = text[1:].partition("]:")
+        if not sep or "]" in host or "[" in host:
+            raise ValueError(f"{hint}, got {text!r}")
+        literal = _ip_literal(host)
+        if not isinstance(literal, IPv6Address):
+            raise ValueError(
+                f"only IPv6 addresses go in brackets, got {host!r} in {text!r}"
+            )
+        return host, port, True
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        raise ValueError(f"{hint}, got {text!r}")
+    if ":" in host and isinstance(_ip_literal(host), IPv6Address):
+        raise ValueError(
+            f"an IPv6 address needs brackets: write [{host}]:{port}, got {text!r}"
+        )
+    return host, port, False
+
+
+def _parse_endpoint(text: str) -> Address:
+    """Parse one upstream ``host:port`` or ``[v6]:port`` into an :class:`Address`."""
+    host, port_text, bracketed = _split_host_port(text, _ENDPOINT_HINT)
+    if not bracketed and not host:
+        raise ValueError(f"{_ENDPOINT_HINT}, got {text!r}")
+    if not bracketed and _ip_literal(host) is None:
+        problem = _hostname_problem(host)
+        if problem:
+            raise ValueError(problem)
+    port = _port(port_text, 1, "after the host")
+    literal = _ip_literal(host)
+    return Address(host=str(literal) if literal is not None else host, port=port)
+
+
+def _parse_listen(text: str) -> ListenAddress:
+    """Parse a listener's ``listen`` value into a :class:`ListenAddress`.
+
+    ``:PORT`` and ``[::]:PORT`` mean every interface on one dual-stack socket
+    (Fly's private network and ``fly proxy`` arrive over IPv6, health checks may
+    use IPv4). Host names are refused: a listener binds an address, and a name
+    that resolves differently tomorrow is a surprise nobody wants at bind time.
+    """
+    if not text:
+        raise ValueError(f"{_LISTEN_HINT}, got ''")
+    prefix = text.partition(":")[0]
+    if prefix in _BUILTIN_ENDPOINT_TYPES and ":" in text:
+        return _parse_description(text)
+    if text.startswith(":") and not text.startswith("::"):
+        port = _port(text[1:], 0, "after ':'")
+        return ListenAddress(text=text, host="::", port=port, dual_stack=True)
+    if text.startswith("[") or _ip_literal(text.rpartition(":")[0]) is not None:
+        host, port_text, _ = _split_host_port(text, _LISTEN_HINT)
+        literal = ip_address(host)
+        port = _port(port_text, 0, "after the address")
+        unspecified = isinstance(literal, IPv6Address) and literal.is_unspecified
+        return ListenAddress(
+            text=text, host=str(literal), port=port, dual_stack=unspecified
+        )
+    if ":" not in text:
+        raise ValueError(f"{_LISTEN_HINT}, got {text!r}")
+    host, _, port_text = text.rpartition(":")
+    if ":" in host and isinstance(_ip_literal(host), IPv6Address):
+        raise ValueError(
+            f"an IPv6 address needs brackets: write [{host}]:{port_text}, got {text!r}"
+        )
+    problem = _hostname_problem(host)
+    if port_text.isdigit() and problem and all(
+        label.isdigit() for label in host.split(".")
+    ):
+        raise ValueError(problem)
+    if port_text.isdigit() and problem is None:
+        # NAME:PORT could be a host name or an endpoint type from a plugin.
+        try:
+            return _parse_description(text)
+        except _UnknownEndpointType:
+            raise ValueError(
+                f"expected an IP address to listen on, got host name {host!r} "
+                f"(use 127.0.0.1:{port_text}, [::1]:{port_text}, or :{port_text} "
+                f"for all interfaces)"
+            ) from None
+    try:
+        return _parse_description(text)
+    except _UnknownEndpointType as e:
+        raise ValueError(f"{_LISTEN_HINT}, got {text!r} ({e})") from None
+
+
+class _UnknownEndpointType(ValueError):
+    """Twisted knows no endpoint type by the prefix of a listen value."""
+
+
+def _split_description(text: str) -> list[str]:
+    """Split a Twisted endpoint description on unescaped colons."""
+    fields = [""]
+    escaped = False
+    for char in text:
+        if escaped:
+            fields[-1] += char
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif char == ":":
+            fields.append("")
+        else:
+            fields[-1] += char
+    return fields
+
+
+def _parse_description(text: str) -> ListenAddress:
+    """Check a raw Twisted server endpoint description without binding anything.
+
+    ``serverFromString`` against a ``MemoryReactor`` runs Twisted's own parser
+    (and any endpoint plugins) but opens no socket; an ``ssl:`` description does
+    read its certificate file, which is worth failing on early. Twisted does not
+    range-check TCP ports, so that is done here for ``tcp``, ``tcp6`` and ``ssl``.
+    """
+    try:
+        serverFromString(MemoryReactor(), text)
+    except ValueError as e:
+        message = str(e)
+        if message.startswith("Unknown endpoint type"):
+            raise _UnknownEndpointType(message) from None
+        raise ValueError(
+            f"invalid endpoint description {text!r}: {message}"
+        ) from None
+    except Exception as e:  # noqa: BLE001 - endpoint parsers raise what they like
+        if text.startswith("systemd:") and isinstance(e, (IndexError, KeyError)):
+            raise ValueError(
+                f"endpoint description {text!r} names a socket this process did not "
+                f"inherit (systemd socket activation passes them in; check the index "
+                f"or name)"
+            ) from None
+        raise ValueError(
+            f"endpoint description {text!r} cannot be used here: "
+            f"{type(e).__name__}: {e}"
+        ) from None
+    fields = _split_description(text)
+    if fields[0] in ("tcp", "tcp6", "ssl"):
+        positional = [field for field in fields[1:] if "=" not in field]
+        keywords = dict(
+            field.split("=", 1) for field in fields[1:] if "=" in field
+        )
+        port_text = keywords.get("port", positional[0] if positional else None)
+        if port_text is not None:
+            _port(port_text, 0, "in the description")
+    return ListenAddress(
+        text=text, host=None, port=None, dual_stack=False, description=text
+    )
+
+
+# ---------------------------------------------------------------------------
+# attrs validators: local rules only, a second line behind the loader.
+
+
+def _check_name(_instance: object, attribute: attrs.Attribute, value: object) -> None:
+    if not isinstance(value, str) or not _NAME_RE.match(value):
+        raise ValueError(f"{attribute.name} must match [a-z0-9_-]+, got {value!r}")
+
+
+def _check_positive_int(
+    _instance: object, attribute: attrs.Attribute, value: object
+) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{attribute.name} must be a whole number >= 1, got {value!r}")
+
+
+def _check_port(low: int) -> Callable[[object, attrs.Attribute, object], None]:
+    def check(_instance: object, attribute: attrs.Attribute, value: object) -> None:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{attribute.name} must be an int, got {value!r}")
+        if not low <= value <= 65535:
+            raise ValueError(f"{attribute.name} must be in {low}..65535, got {value}")
+
+    return check
+
+
+def _check_host(_instance: object, attribute: attrs.Attribute, value: object) -> None:
+    if not isinstance(value, str):
+        raise TypeError(f"{attribute.name} must be a str, got {value!r}")
+    if _ip_literal(value) is None:
+        problem = _hostname_problem(value)
+        if problem:
+            raise ValueError(problem)
+
+
+def _check_keepalive_seconds(
+    _instance: object, attribute: attrs.Attribute, value: object
+) -> None:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not 1 <= value <= _MAX_KEEPALIVE_SECONDS
+        or value != int(value)
+    ):
+        raise ValueError(
+            f"{attribute.name} must be whole seconds in 1..{_MAX_KEEPALIVE_SECONDS}, "
+            f"got {value!r}"
+        )
+
+
+def _check_keepalive_count(
+    _instance: object, attribute: attrs.Attribute, value: object
+) -> None:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int)
+        or not 1 <= value <= _MAX_KEEPALIVE_COUNT
+    ):
+        raise ValueError(
+            f"{attribute.name} must be in 1..{_MAX_KEEPALIVE_COUNT}, got {value!r}"
+        )
+
+
+def _check_positive_seconds(
+    _instance: object, attribute: attrs.Attribute, value: object
+) -> None:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise ValueError(f"{attribute.name} must be seconds > 0, got {value!r}")
+
+
+def _check_optional_seconds(
+    instance: object, attribute: attrs.Attribute, value: object
+) -> None:
+    if value is not None:
+        _check_positive_seconds(instance, attribute, value)
+
+
+def _check_log_prefix(
+    _instance: object, attribute: attrs.Attribute, value: object
+) -> None:
+    if not isinstance(value, str) or not value or any(c.isspace() for c in value):
+        raise ValueError(
+            f"{attribute.name} must be non-empty without whitespace, got {value!r}"
+        )
+
+
+def _tuple_of(kind: type | tuple[type, ...], *, non_empty: bool) -> Callable[..., None]:
+    def check(_instance: object, attribute: attrs.Attribute, value: object) -> None:
+        if not isinstance(value, tuple):
+            raise TypeError(f"{attribute.name} must be a tuple, got {value!r}")
+        if non_empty and not value:
+            raise ValueError(f"{attribute.name} must not be empty")
+        for item in value:
+            if not isinstance(item, kind):
+                raise TypeError(f"{attribute.name} holds {item!r}, not {kind}")
+
+    return check
+
+
+# ---------------------------------------------------------------------------
+# The configuration objects.
+
+
+@attrs.frozen
+class Address:
+    """One upstream endpoint: a DNS name or IP literal and a port.
+
+    IPv6 literals are kept without brackets so they can be handed to
+    ``HostnameEndpoint`` as they are; ``str()`` adds the brackets back for logs.
+    """
+
+    host: str = attrs.field(validator=_check_host)
+    port: int = attrs.field(validator=_check_port(1))
+
+    def __str__(self) -> str:
+        if ":" in self.host:
+            return f"[{self.host}]:{self.port}"
+        return f"{self.host}:{self.port}"
+
+
+@attrs.frozen
+class ListenAddress:
+    """Where one listener accepts connections.
+
+    Either an IP literal and port (``host``/``port`` set, ``description`` None),
+    or a raw Twisted server endpoint description for anything else (``unix:``,
+    ``systemd:``, plugin types), in which case ``host`` and ``port`` are None and
+    the description is handed to Twisted unchanged. ``dual_stack`` marks the one
+    IPv6 socket that also accepts IPv4 (``:5432``, ``[::]:5432``).
+    """
+
+    text: str = attrs.field(validator=attrs.validators.instance_of(str))
+    host: str | None
+    port: int | None
+    dual_stack: bool = attrs.field(validator=attrs.validators.instance_of(bool))
+    description: str | None = None
+
+    def __attrs_post_init__(self) -> None:
+        if self.description is not None:
+            if self.host is not None or self.port is not None or self.dual_stack:
+                raise ValueError("a description leaves host, port and dual_stack unset")
+            return
+        literal = _ip_literal(self.host) if isinstance(self.host, str) else None
+        if literal is None:
+            raise ValueError(f"host must be an IP literal, got {self.host!r}")
+        _check_port(0)(self, attrs.fields(ListenAddress).port, self.port)
+        if self.dual_stack and not (
+            isinstance(literal, IPv6Address) and literal.is_unspecified
+        ):
+            raise ValueError("only the IPv6 any-address '::' can be dual-stack")
+
+    def __str__(self) -> str:
+        return self.text
+
+
+@attrs.frozen
+class Keepalive:
+    """TCP keepalive on upstream sockets: how dead peers are found.
+
+    Long-idle Postgres sessions (LISTEN/NOTIFY) have no idle timeout by default,
+    so keepalive is what notices a peer that vanished. The kernel takes whole
+    seconds, hence the integer-valued floats.
+    """
+
+    idle: float = attrs.field(default=60.0, validator=_check_keepalive_seconds)
+    interval: float = attrs.field(default=15.0, validator=_check_keepalive_seconds)
+    count: int = attrs.field(default=4, validator=_check_keepalive_count)
+
+
+@attrs.frozen
+class ClusterConfig:
+    """One named group of upstream endpoints and the limits for reaching them."""
+
+    name: str = attrs.field(validator=_check_name)
+    endpoints: tuple[Address, ...] = attrs.field(
+        validator=_tuple_of(Address, non_empty=True)
+    )
+    connect_timeout: float = attrs.field(
+        default=5.0, validator=_check_positive_seconds
+    )
+    max_connect_attempts: int = attrs.field(default=3, validator=_check_positive_int)
+    idle_timeout: float | None = attrs.field(
+        default=None, validator=_check_optional_seconds
+    )
+    max_connections: int = attrs.field(default=1024, validator=_check_positive_int)
+    max_pending: int = attrs.field(default=128, validator=_check_positive_int)
+    keepalive: Keepalive | None = attrs.field(
+        default=Keepalive(),
+        validator=attrs.validators.optional(attrs.validators.instance_of(Keepalive)),
+    )
+
+
+def _default_log_prefix(listener: ListenerConfig) -> str:
+    return listener.name.upper()
+
+
+@attrs.frozen
+class ListenerConfig:
+    """One listening address, the cluster it forwards to, and who may use it."""
+
+    name: str = attrs.field(validator=_check_name)
+    listen: ListenAddress = attrs.field(
+        validator=attrs.validators.instance_of(ListenAddress)
+    )
+    mode: str = attrs.field(validator=attrs.validators.in_(("tcp",)))
+    cluster: str = attrs.field(validator=_check_name)
+    log_prefix: str = attrs.field(
+        default=attrs.Factory(_default_log_prefix, takes_self=True),
+        validator=_check_log_prefix,
+    )
+    allow_sources: tuple[IPNetwork, ...] | None = attrs.field(
+        default=None,
+        validator=attrs.validators.optional(
+            _tuple_of((IPv4Network, IPv6Network), non_empty=True)
+        ),
+    )
+    max_connections: int = attrs.field(default=10000, validator=_check_positive_int)
+
+
+@attrs.frozen
+class AccessLogConfig:
+    """How finished connections are written to stdout: Envoy-like text or JSON."""
+
+    format: str = attrs.field(
+        default="text", validator=attrs.validators.in_(("text", "json"))
+    )
+
+
+def _check_hosts(_instance: object, attribute: attrs.Attribute, value: object) -> None:
+    if not isinstance(value, tuple):
+        raise TypeError(f"{attribute.name} must be a tuple, got {value!r}")
+    for pair in value:
+        if not (isinstance(pair, tuple) and len(pair) == 2):
+            raise TypeError(f"{attribute.name} holds {pair!r}, not a (name, ip) pair")
+        name, address = pair
+        if not isinstance(name, str) or name != name.lower() or _hostname_problem(name):
+            raise ValueError(f"{attribute.name}: bad name {name!r}")
+        if not isinstance(address, str) or _ip_literal(address) is None:
+            raise ValueError(f"{attribute.name}: {address!r} is not an IP literal")
+
+
+@attrs.frozen
+class Config:
+    """A whole, valid configuration; an instance that exists is consistent.
+
+    Besides the field checks, construction verifies the cross-object rules that
+    other modules rely on without re-checking: names are unique and every
+    listener's cluster exists.
+    """
+
+    source: str = attrs.field(validator=attrs.validators.instance_of(str))
+    listeners: tuple[ListenerConfig, ...] = attrs.field(
+        validator=_tuple_of(ListenerConfig, non_empty=True)
+    )
+    clusters: tuple[ClusterConfig, ...] = attrs.field(
+        validator=_tuple_of(ClusterConfig, non_empty=True)
+    )
+    hosts: tuple[tuple[str, str], ...] = attrs.field(default=(), validator=_check_hosts)
+    access_log: AccessLogConfig = attrs.field(
+        default=AccessLogConfig(),
+        validator=attrs.validators.instance_of(AccessLogConfig),
+    )
+
+    def __attrs_post_init__(self) -> None:
+        for kind, items in (("listener", self.listeners), ("cluster", self.clusters)):
+            names = [item.name for item in items]
+            if len(set(names)) != len(names):
+                raise ValueError(f"{kind} names are not unique: {names}")
+        clusters = {cluster.name for cluster in self.clusters}
+        for listener in self.listeners:
+            if listener.cluster not in clusters:
+                raise ValueError(
+                    f"listener {listener.name!r} names unknown cluster "
+                    f"{listener.cluster!r}"
+                )
+
+    def cluster(self, name: str) -> ClusterConfig:
+        """The cluster called ``name``; ``KeyError`` if there is none."""
+        for cluster in self.clusters:
+            if cluster.name == name:
+                return cluster
+        raise KeyError(name)
+
+    def pinned_address(self, host: str) -> str | None:
+        """The address ``hosts:`` pins ``host`` to (case-insensitive), else None."""
+        wanted = host.lower()
+        for name, address in self.hosts:
+            if name == wanted:
+                return address
+        return None
+
+
+# ---------------------------------------------------------------------------
+# The loader: YAML nodes in, errors with lines and paths out.
+
+
+class _Loader(yaml.SafeLoader):
+    """A ``SafeLoader`` that refuses duplicate mapping keys.
+
+    PyYAML keeps the last of two equal keys without a word, which turns a
+    copy-paste slip into a silently different proxy. :func:`parse_config` walks
+    the composed node tree itself (so it can report every duplicate with its line
+    and path); this override makes the class safe for plain ``yaml.load`` too.
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        first_line: dict[object, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                hash(key)
+            except TypeError:
+                continue  # unhashable: the base class reports it
+            if key in first_line:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping",
+                    node.start_mark,
+                    f"found duplicate key {key!r} (first at line {first_line[key]})",
+                    key_node.start_mark,
+                )
+            first_line[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+class _Invalid(Exception):
+    """A value was rejected; the problem has already been recorded."""
+
+
+_REF_RE = re.compile(r"\$(?:\$|\{(?P<body>[^}]*)\}|(?P<open>\{))?")
+_VAR_RE = re.compile(r"(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?::-(?P<default>.*))?\Z", re.S)
+
+
+def _render_path(path: Path) -> str:
+    """``("clusters", 1, "endpoints", 0)`` -> ``clusters[1].endpoints[0]``."""
+    text = ""
+    for part in path:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        elif text:
+            text += f".{part}"
+        else:
+            text = part
+    return text
+
+
+def _line(node: yaml.Node) -> int:
+    return node.start_mark.line + 1
+
+
+def _kind(node: yaml.Node) -> str:
+    if isinstance(node, yaml.MappingNode):
+        return "a mapping"
+    if isinstance(node, yaml.SequenceNode):
+        return "a list"
+    return "a single value"
+
+
+_TOP_KEYS = ("listeners", "clusters", "hosts", "access_log")
+_LISTENER_KEYS = (
+    "name",
+    "listen",
+    "mode",
+    "cluster",
+    "log_prefix",
+    "allow_sources",
+    "max_connections",
+)
+_CLUSTER_KEYS = (
+    "name",
+    "endpoints",
+    "connect_timeout",
+    "max_connect_attempts",
+    "idle_timeout",
+    "max_connections",
+    "max_pending",
+    "keepalive",
+)
+_KEEPALIVE_KEYS = ("idle", "interval", "count")
+_ACCESS_LOG_KEYS = ("format",)
+
+
+@attrs.define
+class _Named:
+    """A name read from the file, remembered for the cross checks."""
+
+    value: str
+    node: yaml.Node
+    path: Path
+
+
+class _Builder:
+    """Walks a composed YAML tree, converting values and collecting errors.
+
+    Converters take ``(node, path)`` and either return a value or record the
+    problem and raise :class:`_Invalid`; the ``_build_*`` methods catch that per
+    field so one bad value never hides the next.
+    """
+
+    def __init__(self, source: str, environ: Mapping[str, str], loader: _Loader):
+        self.source = source
+        self.environ = environ
+        self.loader = loader
+        self.errors: list[tuple[int, str]] = []
+        self.listener_names: list[_Named] = []
+        self.cluster_names: list[_Named] = []
+        self.cluster_refs: list[_Named] = []
+        self.listens: list[tuple[ListenAddress, yaml.Node, Path]] = []
+
+    # -- reporting ----------------------------------------------------------
+
+    def report(self, node: yaml.Node, path: Path, message: str) -> None:
+        where = _render_path(path)
+        prefix = f"{self.source}:{_line(node)}: "
+        self.errors.append((_line(node), prefix + (f"{where}: " if where else "") + message))
+
+    def fail(self, node: yaml.Node, path: Path, message: str) -> NoReturn:
+        self.report(node, path, message)
+        raise _Invalid()
+
+    # -- structure ----------------------------------------------------------
+
+    def mapping(
+        self,
+        node: yaml.Node,
+        path: Path,
+        allowed: Sequence[str],
+        required: Sequence[str] = (),
+    ) -> dict[str, yaml.Node]:
+        """Read a mapping with a fixed set of keys; report unknown and missing ones."""
+        if not isinstance(node, yaml.MappingNode):
+            got = self._got(node)
+            self.fail(
+                node, path, f"expected a mapping with keys {', '.join(allowed)}, got {got}"
+            )
+        fields = self.entries(node, path)
+        suggested: set[str] = set()
+        result: dict[str, yaml.Node] = {}
+        for key, (key_node, value_node) in fields.items():
+            if key in allowed:
+                result[key] = value_node
+                continue
+            close = difflib.get_close_matches(key, allowed, n=1)
+            if close:
+                suggested.add(close[0])
+                hint = f"; did you mean {close[0]!r}?"
+            else:
+                hint = f" (expected one of: {', '.join(allowed)})"
+            self.report(key_node, path, f"unknown key {key!r}{hint}")
+        for key in required:
+            if key not in result and key not in suggested:
+                self.report(node, path, f"missing required key {key!r}")
+        return result
+
+    def entries(
+        self, node: yaml.MappingNode, path: Path
+    ) -> dict[str, tuple[yaml.Node, yaml.Node]]:
+        """The string-keyed entries of a mapping, first occurrence winning.
+
+        Duplicates and non-string keys are reported here, once, with their line.
+        """
+        entries: dict[str, tuple[yaml.Node, yaml.Node]] = {}
+        for key_node, value_node in node.value:
+            key = self.construct(key_node, path)
+            if not isinstance(key, str):
+                got = _show(key) if isinstance(key_node, yaml.ScalarNode) else _kind(key_node)
+                self.report(key_node, path, f"keys must be text, got {got}")
+                continue
+            if key in entries:
+                first = _line(entries[key][0])
+                self.report(
+                    key_node, path + (key,), f"duplicate key {key!r} (first at line {first})"
+                )
+                continue
+            entries[key] = (key_node, value_node)
+        return entries
+
+    def sequence(self, node: yaml.Node, path: Path, what: str) -> list[yaml.Node]:
+        if not isinstance(node, yaml.SequenceNode):
+            self.fail(node, path, f"expected a list of {what}, got {self._got(node)}")
+        return list(node.value)
+
+    # -- scalars ------------------------------------------------------------
+
+    def construct(self, node: yaml.Node, path: Path) -> object:
+        """The Python value of a scalar node, before interpolation."""
+        if not isinstance(node, yaml.ScalarNode):
+            return node  # the caller's type check reports it
+        try:
+            return self.loader.construct_object(node, deep=True)
+        except yaml.YAMLError as e:
+            problem = getattr(e, "problem", None) or str(e)
+            self.fail(node, path, f"cannot read this value: {problem}")
+
+    def scalar(self, node: yaml.Node, path: Path, expected: str) -> object:
+        """A scalar's value with ``${...}`` expanded in strings."""
+        if not isinstance(node, yaml.ScalarNode):
+            self.fail(node, path, f"expected {expected}, got {_kind(node)}")
+        value = self.construct(node, path)
+        if isinstance(value, str):
+            value = self.interpolate(value, node, path)
+        return value
+
+    def interpolate(self, text: str, node: yaml.Node, path: Path) -> str:
+        """Expand ``${VAR}``, ``${VAR:-default}`` and ``$$``; report unset variables.
+
+        A ``$`` followed by anything else is kept as written, so passwords with
+        a dollar sign survive; ``${`` without its ``}`` is an error.
+        """
+        problems: list[str] = []
+
+        def expand(match: re.Match[str]) -> str:
+            token = match.group(0)
+            if token == "$$":
+                return "$"
+            if match.group("open"):
+                problems.append(
+                    f"unterminated '${{' in {text!r}; write $$ for a literal $"
+                )
+                return token
+            body = match.group("body")
+            if body is None:
+                return token
+            var = _VAR_RE.match(body)
+            if not var:
+                problems.append(
+                    f"invalid reference {token!r}: expected ${{NAME}} or "
+                    f"${{NAME:-default}} (NAME is letters, digits and _); "
+                    f"write $$ for a literal $"
+                )
+                return token
+            name, default = var.group("name"), var.group("default")
+            value = self.environ.get(name)
+            if value:
+                return value
+            if default is not None:
+                return default
+            if value is not None:
+                return value  # set but empty, and no default to prefer
+            problems.append(
+                f"environment variable {name} is not set; "
+                f"set {name} or write ${{{name}:-default}}"
+            )
+            return token
+
+        result = _REF_RE.sub(expand, text)
+        for problem in problems:
+            self.report(node, path, problem)
+        if problems:
+            raise _Invalid()
+        return result
+
+    def _got(self, node: yaml.Node) -> str:
+        if isinstance(node, yaml.ScalarNode):
+            try:
+                return _show(self.loader.construct_object(node, deep=True))
+            except yaml.YAMLError:
+                return repr(node.value)
+        return _kind(node)
+
+    # -- typed converters ---------------------------------------------------
+
+    def text(self, node: yaml.Node, path: Path, expected: str = "text") -> str:
+        value = self.scalar(node, path, expected)
+        if not isinstance(value, str):
+            self.fail(node, path, f"expected {expected}, got {_show(value)}")
+        return value
+
+    def name(self, node: yaml.Node, path: Path) -> str:
+        expected = "a name of lower-case letters, digits, '_' and '-'"
+        value = self.text(node, path, expected)
+        if not _NAME_RE.match(value):
+            self.fail(node, path, f"expected {expected}, got {value!r}")
+        return value
+
+    def integer(self, node: yaml.Node, path: Path, low: int, high: int | None) -> int:
+        """An int within bounds; digit strings count, since ``${VAR}`` yields text."""
+        expected = (
+            f"a whole number >= {low}" if high is None else f"a whole number {low}-{high}"
+        )
+        value = self.scalar(node, path, expected)
+        if isinstance(value, str) and value.isascii() and value.isdigit():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            self.fail(node, path, f"expected {expected}, got {_show(value)}")
+        if value < low or (high is not None and value > high):
+            self.fail(node, path, f"expected {expected}, got {value}")
+        return value
+
+    def positive(self, node: yaml.Node, path: Path) -> int:
+        return self.integer(node, path, 1, None)
+
+    def duration(self, node: yaml.Node, path: Path) -> float:
+        value = self.scalar(node, path, "a duration")
+        try:
+            return parse_duration(value)
+        except ValueError as e:
+            self.fail(node, path, str(e))
+
+    # -- the document -------------------------------------------------------
+
+    def build(self, root: yaml.Node | None) -> Config | None:
+        if root is None:
+            self.errors.append(
+                (1, f"{self.source}:1: the file is empty; expected a mapping with "
+                    f"'listeners' and 'clusters'")
+            )
+            return None
+        try:
+            fields = self.mapping(root, (), _TOP_KEYS, ("listeners", "clusters"))
+        except _Invalid:
+            return None
+        clusters = self._build_list(fields, "clusters", "clusters", self._build_cluster)
+        listeners = self._build_list(
+            fields, "listeners", "listeners", self._build_listener
+        )
+        hosts = self._optional(fields, "hosts", (), self._build_hosts)
+        access_log = self._optional(
+            fields, "access_log", AccessLogConfig(), self._build_access_log
+        )
+        self._check_names("listener", self.listener_names)
+        self._check_names("cluster", self.cluster_names)
+        self._check_cluster_refs()
+        self._check_listens()
+        if self.errors or listeners is None or clusters is None:
+            return None
+        if hosts is None or access_log is None:
+            return None
+        return self._construct(
+            root, (), Config, source=self.source, listeners=listeners,
+            clusters=clusters, hosts=hosts, access_log=access_log,
+        )
+
+    def _optional(
+        self,
+        fields: dict[str, yaml.Node],
+        key: str,
+        default: T,
+        build: Callable[[yaml.Node, Path], T],
+    ) -> T | None:
+        node = fields.get(key)
+        if node is None or _is_null(node):
+            return default
+        try:
+            return build(node, (key,))
+        except _Invalid:
+            return None
+
+    def _build_list(
+        self,
+        fields: dict[str, yaml.Node],
+        key: str,
+        what: str,
+        build: Callable[[yaml.Node, Path], T | None],
+    ) -> tuple[T, ...] | None:
+        node = fields.get(key)
+        if node is None:
+            return None  # reported as missing
+        try:
+            items = self.sequence(node, (key,), what)
+        except _Invalid:
+            return None
+        if not items:
+            self.report(node, (key,), f"expected at least one entry in {what}, got []")
+            return None
+        built = [build(item, (key, index)) for index, item in enumerate(items)]
+        if any(item is None for item in built):
+            return None
+        return tuple(built)  # type: ignore[arg-type]
+
+    def _construct(self, node: yaml.Node, path: Path, cls: Callable[..., T], **kw: Any) -> T | None:
+        """Build an attrs object; a validator failure becomes an ordinary error.
+
+        The loader checks everything first, so this only fires if the two lines
+        of defence disagree; reporting beats a traceback.
+        """
+        try:
+            return cls(**kw)
+        except (TypeError, ValueError) as e:
+            self.report(node, path, str(e))
+            return None
+
+    def _build_listener(self, node: yaml.Node, path: Path) -> ListenerConfig | None:
+        try:
+            fields = self.mapping(
+                node, path, _LISTENER_KEYS, ("name", "listen", "cluster")
+            )
+        except _Invalid:
+            return None
+        read = _FieldReader(self, fields, path, ("name", "listen", "cluster"))
+        name = read("name", self.name)
+        if name is not None:
+            self.listener_names.append(_Named(name, fields["name"], path + ("name",)))
+        listen = read("listen", self._listen)
+        if listen is not None:
+            self.listens.append((listen, fields["listen"], path + ("listen",)))
+        mode = read("mode", self._mode, "tcp")
+        cluster = read("cluster", self.name)
+        if cluster is not None:
+            self.cluster_refs.append(
+                _Named(cluster, fields["cluster"], path + ("cluster",))
+            )
+        log_prefix = read(
+            "log_prefix", self._log_prefix, name.upper() if name else None
+        )
+        allow_sources = read("allow_sources", self._allow_sources)
+        max_connections = read("max_connections", self.positive, 10000)
+        if not read.ok:
+            return None
+        return self._construct(
+            node, path, ListenerConfig, name=name, listen=listen, mode=mode,
+            cluster=cluster, log_prefix=log_prefix, allow_sources=allow_sources,
+            max_connections=max_connections,
+        )
+
+    def _build_cluster(self, node: yaml.Node, path: Path) -> ClusterConfig | None:
+        try:
+            fields = self.mapping(node, path, _CLUSTER_KEYS, ("name", "endpoints"))
+        except _Invalid:
+            return None
+        read = _FieldReader(self, fields, path, ("name", "endpoints"))
+        name = read("name", self.name)
+        if name is not None:
+            self.cluster_names.append(_Named(name, fields["name"], path + ("name",)))
+        endpoints = read("endpoints", self._endpoints)
+        connect_timeout = read("connect_timeout", self._connect_timeout, 5.0)
+        max_connect_attempts = read("max_connect_attempts", self.positive, 3)
+        idle_timeout = read("idle_timeout", self._idle_timeout, None)
+        max_connections = read("max_connections", self.positive, 1024)
+        max_pending = read("max_pending", self.positive, 128)
+        keepalive = read("keepalive", self._keepalive, Keepalive())
+        if not read.ok:
+            return None
+        return self._construct(
+            node, path, ClusterConfig, name=name, endpoints=endpoints,
+            connect_timeout=connect_timeout,
+            max_connect_attempts=max_connect_attempts, idle_timeout=idle_timeout,
+            max_connections=max_connections, max_pending=max_pending,
+            keepalive=keepalive,
+        )
+
+    def _listen(self, node: yaml.Node, path: Path) -> ListenAddress:
+        value = self.scalar(node, path, "an address to listen on")
+        if isinstance(value, int) and not isinstance(value, bool):
+            self.fail(
+                node, path,
+                f"{_LISTEN_HINT}, got {value}; write \":{value}\" for all interfaces",
+            )
+        if not isinstance(value, str):
+            self.fail(node, path, f"{_LISTEN_HINT}, got {_show(value)}")
+        try:
+            return _parse_listen(value)
+        except ValueError as e:
+            self.fail(node, path, str(e))
+
+    def _mode(self, node: yaml.Node, path: Path) -> str:
+        value = self.scalar(node, path, "tcp")
+        if value != "tcp":
+            self.fail(
+                node, path,
+                f"expected tcp, got {_show(value)} (the postgres, http_connect and "
+                f"socks5 modes are not available in this version)",
+            )
+        return value
+
+    def _log_prefix(self, node: yaml.Node, path: Path) -> str:
+        value = self.text(node, path, "a prefix without spaces")
+        if not value or any(c.isspace() for c in value):
+            self.fail(
+                node, path,
+                f"expected a non-empty prefix without whitespace, got {value!r}",
+            )
+        return value
+
+    def _allow_sources(self, node: yaml.Node, path: Path) -> tuple[IPNetwork, ...] | None:
+        if _is_null(node):
+            return None
+        items = self.sequence(node, path, "CIDRs or IP addresses")
+        if not items:
+            self.fail(
+                node, path,
+                "an empty list would refuse every client; remove the key to "
+                "allow any source",
+            )
+        networks: list[IPNetwork] = []
+        failed = False
+        for index, item in enumerate(items):
+            try:
+                networks.append(self._network(item, path + (index,)))
+            except _Invalid:
+                failed = True
+        if failed:
+            raise _Invalid()
+        return tuple(networks)
+
+    def _network(self, node: yaml.Node, path: Path) -> IPNetwork:
+        expected = (
+            "expected a CIDR such as 10.0.0.0/8 or fdaa::/16, or a single IP address"
+        )
+        value = self.scalar(node, path, "a CIDR")
+        if not isinstance(value, str):
+            self.fail(node, path, f"{expected}, got {_show(value)}")
+        try:
+            return ip_network(value)
+        except ValueError:
+            pass
+        try:
+            network = ip_network(value, strict=False)
+        except ValueError:
+            self.fail(node, path, f"{expected}, got {value!r}")
+        self.fail(
+            node, path,
+            f"{value!r} has host bits set; did you mean '{network}'?",
+        )
+
+    def _endpoints(self, node: yaml.Node, path: Path) -> tuple[Address, ...]:
+        items = self.sequence(node, path, "HOST:PORT endpoints")
+        if not items:
+            self.fail(node, path, f"{_ENDPOINT_HINT}: the list is empty")
+        addresses: list[Address] = []
+        failed = False
+        for index, item in enumerate(items):
+            try:
+                addresses.append(self._endpoint(item, path + (index,)))
+            except _Invalid:
+                failed = True
+        if failed:
+            raise _Invalid()
+        return tuple(addresses)
+
+    def _endpoint(self, node: yaml.Node, path: Path) -> Address:
+        value = self.scalar(node, path, "HOST:PORT")
+        if not isinstance(value, str):
+            self.fail(node, path, f"{_ENDPOINT_HINT}, got {_show(value)}")
+        try:
+            return _parse_endpoint(value)
+        except ValueError as e:
+            self.fail(node, path, str(e))
+
+    def _connect_timeout(self, node: yaml.Node, path: Path) -> float:
+        seconds = self.duration(node, path)
+        if seconds <= 0:
+            self.fail(node, path, "must be greater than 0 (e.g. 5s)")
+        return seconds
+
+    def _idle_timeout(self, node: yaml.Node, path: Path) -> float | None:
+        if _is_null(node):
+            return None
+        return self.duration(node, path) or None
+
+    def _keepalive(self, node: yaml.Node, path: Path) -> Keepalive | None:
+        if isinstance(node, yaml.ScalarNode):
+            value = self.scalar(node, path, "a mapping or true/false")
+            if isinstance(value, str) and value.lower() in ("true", "false"):
+                value = value.lower() == "true"
+            if value is None or value is False:
+                return None
+            if value is True:
+                return Keepalive()
+            self.fail(
+                node, path,
+                f"expected a mapping with idle, interval and count, or false to "
+                f"turn keepalive off, got {_show(value)}",
+            )
+        fields = self.mapping(node, path, _KEEPALIVE_KEYS)
+        read = _FieldReader(self, fields, path, ())
+        defaults = Keepalive()
+        idle = read("idle", self._keepalive_seconds, defaults.idle)
+        interval = read("interval", self._keepalive_seconds, defaults.interval)
+        count = read(
+            "count",
+            lambda n, p: self.integer(n, p, 1, _MAX_KEEPALIVE_COUNT),
+            defaults.count,
+        )
+        if not read.ok:
+            raise _Invalid()
+        result = self._construct(node, path, Keepalive, idle=idle, interval=interval, count=count)
+        if result is None:
+            raise _Invalid()
+        return result
+
+    def _keepalive_seconds(self, node: yaml.Node, path: Path) -> float:
+        value = self.scalar(node, path, "a duration")
+        try:
+            seconds = parse_duration(value)
+        except ValueError as e:
+            self.fail(node, path, str(e))
+        if seconds < 1 or seconds != int(seconds) or seconds > _MAX_KEEPALIVE_SECONDS:
+            self.fail(
+                node, path,
+                f"expected whole seconds from 1s to {_MAX_KEEPALIVE_SECONDS}s "
+                f"(the kernel counts keepalive time in whole seconds), "
+                f"got {_show(value)}",
+            )
+        return seconds
+
+    def _build_hosts(self, node: yaml.Node, path: Path) -> tuple[tuple[str, str], ...]:
+        if not isinstance(node, yaml.MappingNode):
+            self.fail(
+                node, path,
+                f"expected a mapping of host name to IP address, got {self._got(node)}",
+            )
+        pairs: list[tuple[str, str]] = []
+        seen: dict[str, int] = {}
+        failed = False
+        for key, (key_node, value_node) in self.entries(node, path).items():
+            name = key.lower()
+            entry = path + (key,)
+            problem = _hostname_problem(name)
+            if problem:
+                self.report(key_node, entry, problem)
+                failed = True
+                continue
+            if name in seen:
+                self.report(
+                    key_node, entry,
+                    f"duplicate host {key!r} (names ignore case; first at line "
+                    f"{seen[name]})",
+                )
+                failed = True
+                continue
+            seen[name] = _line(key_node)
+            try:
+                address = self.text(value_node, entry, "an IP address")
+            except _Invalid:
+                failed = True
+                continue
+            literal = _ip_literal(address)
+            if literal is None:
+                self.report(
+                    value_node, entry,
+                    f"expected an IP address (e.g. 127.0.0.1 or fdaa::3), got {address!r}",
+                )
+                failed = True
+                continue
+            pairs.append((name, str(literal)))
+        if failed:
+            raise _Invalid()
+        return tuple(pairs)
+
+    def _build_access_log(self, node: yaml.Node, path: Path) -> AccessLogConfig:
+        fields = self.mapping(node, path, _ACCESS_LOG_KEYS)
+        read = _FieldReader(self, fields, path, ())
+        log_format = read("format", self._log_format, "text")
+        if not read.ok:
+            raise _Invalid()
+        return AccessLogConfig(format=log_format)
+
+    def _log_format(self, node: yaml.Node, path: Path) -> str:
+        value = self.scalar(node, path, "text or json")
+        if value not in ("text", "json"):
+            self.fail(node, path, f"expected text or json, got {_show(value)}")
+        return value
+
+    # -- cross checks -------------------------------------------------------
+
+    def _check_names(self, kind: str, names: list[_Named]) -> None:
+        first: dict[str, _Named] = {}
+        for named in names:
+            if named.value in first:
+                earlier = first[named.value]
+                self.report(
+                    named.node, named.path,
+                    f"duplicate {kind} name {named.value!r} (first at "
+                    f"{_render_path(earlier.path)}, line {_line(earlier.node)})",
+                )
+            else:
+                first[named.value] = named
+
+    def _check_cluster_refs(self) -> None:
+        defined = list(dict.fromkeys(named.value for named in self.cluster_names))
+        for ref in self.cluster_refs:
+            if ref.value in defined:
+                continue
+            listing = ", ".join(defined) if defined else "none"
+            close = difflib.get_close_matches(ref.value, defined, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            self.report(
+                ref.node, ref.path,
+                f"unknown cluster {ref.value!r} (defined clusters: {listing}){hint}",
+            )
+
+    def _check_listens(self) -> None:
+        for index, (listen, node, path) in enumerate(self.listens):
+            for other, other_node, other_path in self.listens[:index]:
+                if _overlaps(listen, other):
+                    self.report(
+                        node, path,
+                        f"{listen.text!r} overlaps {_render_path(other_path)} "
+                        f"{other.text!r} (line {_line(other_node)}); each listener "
+                        f"needs its own address",
+                    )
+                    break
+
+
+class _FieldReader:
+    """Reads optional and required fields of one mapping, remembering failures."""
+
+    def __init__(
+        self,
+        builder: _Builder,
+        fields: dict[str, yaml.Node],
+        path: Path,
+        required: Sequence[str],
+    ) -> None:
+        self.builder = builder
+        self.fields = fields
+        self.path = path
+        self.ok = all(key in fields for key in required)
+
+    def __call__(
+        self,
+        key: str,
+        convert: Callable[[yaml.Node, Path], T],
+        default: T | None = None,
+    ) -> T | None:
+        node = self.fields.get(key)
+        if node is None:
+            return default
+        try:
+            return convert(node, self.path + (key,))
+        except _Invalid:
+            self.ok = False
+            return default
+
+
+def _is_null(node: yaml.Node) -> bool:
+    return isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:null"
+
+
+def _overlaps(a: ListenAddress, b: ListenAddress) -> bool:
+    """Whether two listen addresses would fight over the same port.
+
+    Port 0 (ephemeral) never clashes. On Linux a listening wildcard socket
+    blocks specific addresses of its family on the same port, and a dual-stack
+    ``::`` socket blocks both families.
+    """
+    if a.description is not None or b.description is not None:
+        return a.description == b.description
+    if a.port != b.port or a.port == 0:
+        return False
+    assert a.host is not None and b.host is not None
+    if a.host == b.host:
+        return True
+    first, second = ip_address(a.host), ip_address(b.host)
+    if a.dual_stack or b.dual_stack:
+        return True
+    if first.version != second.version:
+        return False
+    return first.is_unspecified or second.is_unspecified
+
+
+def _syntax_error(source: str, text: str, error: yaml.MarkedYAMLError) -> str:
+    """One line for a YAML syntax error: where it broke, and where the broken part began.
+
+    PyYAML puts errors found at the end of the stream on the line after the
+    last; that is clamped to the last line so the number exists in the file.
+    """
+    mark = error.problem_mark or error.context_mark
+    last_line = max(1, len(text.splitlines()))
+    line = min(mark.line + 1, last_line) if mark else 1
+    problem, context = error.problem or "", error.context or ""
+    if problem.startswith("but ") and context:
+        # The composer's "expected a single document ... but found another".
+        problem, context = f"{context}, {problem}", ""
+    message = f"{source}:{line}: invalid YAML: {problem or context}"
+    if mark and error.problem_mark:
+        if mark.line + 1 > last_line:
+            message += " (at the end of the file)"
+        else:
+            message += f" (column {mark.column + 1})"
+    if problem and context:
+        message += f", {context}"
+        if error.context_mark:
+            message += f" that starts at line {error.context_mark.line + 1}"
+    return message
+
+
+def parse_config(text: str, source: str, environ: Mapping[str, str]) -> Config:
+    """Validate configuration ``text`` and return it as a :class:`Config`.
+
+    ``source`` labels the messages (normally the file name). Every problem is
+    collected and raised together as one :class:`ConfigError`, sorted by line.
+    """
+    loader = _Loader(text)
+    try:
+        try:
+            root = loader.get_single_node()
+        except yaml.MarkedYAMLError as e:
+            raise ConfigError([_syntax_error(source, text, e)]) from None
+        except yaml.YAMLError as e:
+            raise ConfigError([f"{source}:1: invalid YAML: {e}"]) from None
+        builder = _Builder(source, environ, loader)
+        config = builder.build(root)
+    finally:
+        loader.dispose()
+    if config is None or builder.errors:
+        ordered = sorted(builder.errors, key=lambda error: error[0])
+        raise ConfigError(message for _, message in ordered)
+    return config
+
+
+def load_config(path: str, environ: Mapping[str, str]) -> Config:
+    """Read the file at ``path`` and validate it; see :func:`parse_config`.
+
+    A file that cannot be read (missing, a directory, not UTF-8) is reported as
+    a :class:`ConfigError` too, so callers have one exception to handle.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise ConfigError([f"{path}: cannot read the config file: {e.strerror or e}"]) from None
+    except UnicodeDecodeError as e:
+        raise ConfigError([f"{path}: the config file is not UTF-8 text: {e.reason}"]) from None
+    return parse_config(text, path, environ)
