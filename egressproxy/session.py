@@ -93,7 +93,9 @@ class Session:
     def connect_upstream(self) -> None:
         """Dial the listener's cluster, unless its circuit breaker is open."""
         up = UpstreamLeg(self)
-        dial = self.listener.cluster.dial(up, self._attempting)
+        # Kept for the release: a reload may give the listener another cluster.
+        self.cluster = cluster = self.listener.cluster
+        dial = cluster.dial(up, self._attempting)
         if dial is None:
             self.flag("UO")
             self.down.close()  # type: ignore[union-attr]
@@ -103,6 +105,7 @@ class Session:
         dial.deferred.addCallbacks(self._upstream_connected, self._upstream_failed)
 
     def _attempting(self, address: Address) -> None:
+        self.upstream_address = address
         self.upstream_name = str(address)
 
     def _upstream_connected(self, up: UpstreamLeg) -> None:
@@ -131,7 +134,7 @@ class Session:
             # A reset, not a FIN; our own aborts (idle, linger) carry their own flag.
             self.flag("DC" if leg is down else "UC")
         if leg is up:
-            self.listener.cluster.breaker.released()
+            self.cluster.released(self.upstream_address)
         elif self._dial is not None:
             self._dial.cancel()
             self._dial = None
@@ -176,7 +179,7 @@ class Session:
         self._timers.append(self.reactor.callLater(delay, f))
 
     def _start_idle_timer(self) -> None:
-        timeout = self.listener.cluster.config.idle_timeout
+        timeout = self.cluster.config.idle_timeout
         if not timeout:
             return
         self._idle_seen = self.bytes_received + self.bytes_sent
@@ -189,7 +192,7 @@ class Session:
         Runs every quarter of the timeout and compares the byte counters, so
         the data path never touches a timer (see splice.py's notes).
         """
-        timeout = self.listener.cluster.config.idle_timeout
+        timeout = self.cluster.config.idle_timeout
         assert timeout
         now = self.reactor.seconds()
         seen = self.bytes_received + self.bytes_sent

@@ -27,6 +27,7 @@ from twisted.python.failure import Failure
 
 from egressproxy.breaker import CircuitBreaker
 from egressproxy.config import Address, ClusterConfig
+from egressproxy.histogram import Histogram
 
 
 class UpstreamConnectFailed(Exception):
@@ -53,6 +54,19 @@ def classify_connect_failure(failure: Failure) -> tuple[str, str]:
     return "error", "UF"
 
 
+class EndpointState:
+    """What the proxy knows of one endpoint: health and connection counts."""
+
+    def __init__(self, address: Address) -> None:
+        self.address = address
+        #: None until a health check has run: treated as healthy.
+        self.healthy: bool | None = None
+        self.last_error: str | None = None
+        self.active = 0
+        self.connections_total = 0
+        self.connect_failures = 0
+
+
 class UpstreamCluster:
     """Runtime state of one configured cluster."""
 
@@ -65,7 +79,26 @@ class UpstreamCluster:
         self.breaker = CircuitBreaker(config.max_connections, config.max_pending)
         self.connections_total = 0
         self.connect_failures: dict[str, int] = {}
+        self.connect_seconds = Histogram()
+        self.endpoints: dict[Address, EndpointState] = {a: EndpointState(a) for a in config.endpoints}
         self._next_endpoint = 0
+
+    def connected(self, address: Address, seconds: float) -> None:
+        """An upstream connection to ``address`` was established after ``seconds``."""
+        self.breaker.connected()
+        self.connections_total += 1
+        self.connect_seconds.observe(seconds)
+        state = self.endpoints.get(address)
+        if state is not None:
+            state.active += 1
+            state.connections_total += 1
+
+    def released(self, address: Address) -> None:
+        """An upstream connection to ``address`` closed."""
+        self.breaker.released()
+        state = self.endpoints.get(address)
+        if state is not None:
+            state.active -= 1
 
     @property
     def name(self) -> str:
@@ -136,6 +169,7 @@ class UpstreamDial:
         timeout = cluster.config.connect_timeout
         endpoint = HostnameEndpoint(cluster.reactor, host, address.port, timeout=timeout)
         self._timed_out = False
+        self._started = cluster.reactor.seconds()
         # One deadline for the whole attempt, name resolution included
         # (HostnameEndpoint's own timeout covers only each TCP connect).
         self._deadline = cluster.reactor.callLater(timeout, self._attempt_timed_out)
@@ -158,8 +192,7 @@ class UpstreamDial:
         if self._done:
             return
         self._done = True
-        self.cluster.breaker.connected()
-        self.cluster.connections_total += 1
+        self.cluster.connected(self.address, self.cluster.reactor.seconds() - self._started)
         self.deferred.callback(protocol)
 
     def _failed(self, failure: Failure) -> None:
@@ -171,6 +204,9 @@ class UpstreamDial:
         reason, flag = classify_connect_failure(failure)
         failures = self.cluster.connect_failures
         failures[reason] = failures.get(reason, 0) + 1
+        state = self.cluster.endpoints.get(self.address)
+        if state is not None:
+            state.connect_failures += 1
         if self._attempts_left > 0:
             self._attempt_next()
             return

@@ -1,0 +1,274 @@
+"""Tests for egressproxy.service, egressproxy.tap and the twistd plugin."""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+
+from twisted.application.service import IServiceMaker
+from twisted.internet.testing import MemoryReactorClock, _FakePort
+from twisted.plugin import getPlugins
+from twisted.python import usage
+from twisted.trial.unittest import SynchronousTestCase
+
+from egressproxy import tap
+from egressproxy.config import Config, parse_config
+from egressproxy.modes.tcp import TcpProxyFactory
+from egressproxy.service import EgressService
+
+TWO_LISTENERS = """\
+listeners:
+  - name: all
+    listen: ":0"
+    cluster: pg
+  - name: local
+    listen: "127.0.0.1:0"
+    cluster: pg
+clusters:
+  - name: pg
+    endpoints: ["db.example.test:5432"]
+"""
+
+BAD_CLUSTER = """\
+listeners:
+  - name: all
+    listen: ":0"
+    cluster: nope
+clusters:
+  - name: pg
+    endpoints: ["db.example.test:5432"]
+"""
+
+
+class RecordingPort(_FakePort):
+    """MemoryReactor's listening port, also recording ``stopListening``."""
+
+    stopped = False
+
+    def stopListening(self) -> None:
+        self.stopped = True
+
+
+class RecordingReactor(MemoryReactorClock):
+    """A MemoryReactorClock whose adopted ports record being stopped."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.listening: list[RecordingPort] = []
+
+    def adoptStreamPort(self, fileno, addressFamily, factory):  # type: ignore[no-untyped-def]
+        port = RecordingPort(super().adoptStreamPort(fileno, addressFamily, factory).getHost())
+        self.listening.append(port)
+        return port
+
+
+def make_service(text: str = TWO_LISTENERS, reactor: MemoryReactorClock | None = None) -> EgressService:
+    return EgressService(
+        parse_config(text, "t.yaml", {}),
+        reactor if reactor is not None else MemoryReactorClock(),
+        access_stream=io.StringIO(),
+    )
+
+
+def taken_port(test: SynchronousTestCase) -> int:
+    """A loopback port some other socket is listening on for the rest of the test."""
+    blocker = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    test.addCleanup(blocker.close)
+    blocker.bind(("127.0.0.1", 0))
+    blocker.listen(1)
+    return blocker.getsockname()[1]
+
+
+class StartTests(SynchronousTestCase):
+    """EgressService start-up: every listener bound, or none."""
+
+    def test_privileged_start_binds_each_listener(self) -> None:
+        """privilegedStartService adopts one bound socket per listener, in config order."""
+        reactor = MemoryReactorClock()
+        service = make_service(reactor=reactor)
+        service.privilegedStartService()
+        self.assertEqual(
+            [(family, factory.listener.config.name) for _fd, family, factory in reactor.adoptedPorts],
+            [(socket.AF_INET6, "all"), (socket.AF_INET, "local")],
+        )
+
+    def test_factories_are_tcp_proxy_factories(self) -> None:
+        """Each adopted port serves a TcpProxyFactory for its own listener runtime."""
+        reactor = MemoryReactorClock()
+        service = make_service(reactor=reactor)
+        service.privilegedStartService()
+        factories = [factory for _fd, _family, factory in reactor.adoptedPorts]
+        self.assertEqual([type(f) for f in factories], [TcpProxyFactory, TcpProxyFactory])
+        self.assertEqual([f.listener for f in factories], [service.listeners["all"], service.listeners["local"]])
+
+    def test_ports_recorded_by_name(self) -> None:
+        """The bound ports are kept under their listener names."""
+        service = make_service()
+        service.privilegedStartService()
+        self.assertEqual(sorted(service.ports), ["all", "local"])
+
+    def test_start_service_binds_without_privileged_start(self) -> None:
+        """startService alone binds the listeners and marks the service running."""
+        reactor = MemoryReactorClock()
+        service = make_service(reactor=reactor)
+        service.startService()
+        self.assertEqual((len(reactor.adoptedPorts), service.running), (2, 1))
+
+    def test_start_after_privileged_start_binds_once(self) -> None:
+        """startService after privilegedStartService does not bind the listeners again."""
+        reactor = MemoryReactorClock()
+        service = make_service(reactor=reactor)
+        service.privilegedStartService()
+        service.startService()
+        self.assertEqual(len(reactor.adoptedPorts), 2)
+
+    def test_no_delayed_calls(self) -> None:
+        """Starting schedules nothing on the reactor."""
+        reactor = MemoryReactorClock()
+        make_service(reactor=reactor).startService()
+        self.assertEqual(reactor.getDelayedCalls(), [])
+
+    def test_taken_port_exits_with_message(self) -> None:
+        """A listener whose port is taken stops start-up with SystemExit naming it and the reason."""
+        port = taken_port(self)
+        text = TWO_LISTENERS.replace('"127.0.0.1:0"', f'"127.0.0.1:{port}"')
+        service = make_service(text)
+        exc = self.assertRaises(SystemExit, service.privilegedStartService)
+        self.assertIn(f"listener 'local': cannot listen on 127.0.0.1:{port}: Address already in use", str(exc))
+
+    def test_taken_port_stops_ports_bound_before(self) -> None:
+        """When a later listener cannot bind, the ports bound before it are stopped and forgotten."""
+        port = taken_port(self)
+        text = TWO_LISTENERS.replace('"127.0.0.1:0"', f'"127.0.0.1:{port}"')
+        reactor = RecordingReactor()
+        service = make_service(text, reactor)
+        self.assertRaises(SystemExit, service.privilegedStartService)
+        self.assertEqual(
+            ([p.stopped for p in reactor.listening], service.ports), ([True], {})
+        )
+
+
+class StopTests(SynchronousTestCase):
+    """EgressService.stopService."""
+
+    def test_stop_stops_listening(self) -> None:
+        """stopService stops every listening port and forgets them."""
+        reactor = RecordingReactor()
+        service = make_service(reactor=reactor)
+        service.startService()
+        service.stopService()
+        self.assertEqual(([p.stopped for p in reactor.listening], service.ports), ([True, True], {}))
+
+    def test_stop_fires_and_marks_stopped(self) -> None:
+        """stopService returns a Deferred that has fired with None, and the service is not running."""
+        reactor = MemoryReactorClock()
+        service = make_service(reactor=reactor)
+        service.startService()
+        self.assertIsNone(self.successResultOf(service.stopService()))
+        self.assertEqual((service.running, reactor.getDelayedCalls()), (0, []))
+
+
+class OptionsTests(SynchronousTestCase):
+    """egressproxy.tap.Options: --config, $EGRESSPROXY_CONFIG, and errors."""
+
+    def write(self, text: str) -> str:
+        directory = self.mktemp()
+        os.makedirs(directory)
+        path = os.path.join(directory, "egressproxy.yaml")
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+        return path
+
+    def test_config_option_loads(self) -> None:
+        """--config FILE loads and validates the file into options.loaded."""
+        options = tap.Options()
+        options.parseOptions(["--config", self.write(TWO_LISTENERS)])
+        self.assertIsInstance(options.loaded, Config)
+        self.assertEqual([l.name for l in options.loaded.listeners], ["all", "local"])
+
+    def test_invalid_file_names_key_path(self) -> None:
+        """An invalid file raises UsageError whose text has the file, line and key path."""
+        path = self.write(BAD_CLUSTER)
+        exc = self.assertRaises(usage.UsageError, tap.Options().parseOptions, ["--config", path])
+        self.assertIn(f"{path}:4: listeners[0].cluster: unknown cluster 'nope'", str(exc))
+
+    def test_missing_file(self) -> None:
+        """A missing file raises UsageError naming it and EGRESSPROXY_CONFIG."""
+        path = os.path.join(os.path.abspath(self.mktemp()), "absent.yaml")
+        exc = self.assertRaises(usage.UsageError, tap.Options().parseOptions, ["--config", path])
+        self.assertIn(path, str(exc))
+        self.assertIn("EGRESSPROXY_CONFIG", str(exc))
+
+    def test_environment_variable(self) -> None:
+        """Without --config the file named by $EGRESSPROXY_CONFIG is loaded."""
+        path = self.write(TWO_LISTENERS)
+        self.patch(os, "environ", {"EGRESSPROXY_CONFIG": path})
+        options = tap.Options()
+        options.parseOptions([])
+        self.assertEqual((options["config"], type(options.loaded)), (path, Config))
+
+    def test_option_wins_over_environment(self) -> None:
+        """--config is used even when $EGRESSPROXY_CONFIG is set."""
+        path = self.write(TWO_LISTENERS)
+        self.patch(os, "environ", {"EGRESSPROXY_CONFIG": path + ".absent"})
+        options = tap.Options()
+        options.parseOptions(["--config", path])
+        self.assertEqual(options["config"], path)
+
+    def test_default_file(self) -> None:
+        """Without --config or $EGRESSPROXY_CONFIG the file is ./egressproxy.yaml."""
+        self.patch(os, "environ", {})
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        self.addCleanup(os.chdir, os.getcwd())
+        os.chdir(directory)
+        exc = self.assertRaises(usage.UsageError, tap.Options().parseOptions, [])
+        self.assertIn("'egressproxy.yaml' not found", str(exc))
+
+    def test_environment_used_for_interpolation(self) -> None:
+        """${VAR} in the file is read from the process environment."""
+        path = self.write(TWO_LISTENERS.replace("db.example.test", "${PG_HOST}"))
+        self.patch(os, "environ", {"PG_HOST": "db.from-env.test"})
+        options = tap.Options()
+        options.parseOptions(["--config", path])
+        self.assertEqual(options.loaded.clusters[0].endpoints[0].host, "db.from-env.test")
+
+
+class MakeServiceTests(SynchronousTestCase):
+    """egressproxy.tap.makeService."""
+
+    def test_returns_egress_service(self) -> None:
+        """makeService builds an EgressService for the loaded config on the given reactor."""
+        options = tap.Options()
+        options.loaded = parse_config(TWO_LISTENERS, "t.yaml", {})
+        reactor = MemoryReactorClock()
+        service = tap.makeService(options, reactor=reactor)
+        self.assertIsInstance(service, EgressService)
+        self.assertEqual((service.config, service.reactor), (options.loaded, reactor))
+
+    def test_service_starts(self) -> None:
+        """The service makeService builds binds its listeners when started."""
+        options = tap.Options()
+        options.loaded = parse_config(TWO_LISTENERS, "t.yaml", {})
+        reactor = MemoryReactorClock()
+        service = tap.makeService(options, reactor=reactor)
+        service.startService()
+        self.addCleanup(service.stopService)
+        self.assertEqual(
+            [factory.listener.config.name for _fd, _family, factory in reactor.adoptedPorts], ["all", "local"]
+        )
+
+
+class PluginTests(SynchronousTestCase):
+    """The twistd plugin in twisted/plugins."""
+
+    def test_plugin_found(self) -> None:
+        """getPlugins(IServiceMaker) finds exactly one plugin with tapname egressproxy."""
+        makers = [p for p in getPlugins(IServiceMaker) if p.tapname == "egressproxy"]
+        self.assertEqual(len(makers), 1)
+
+    def test_plugin_points_at_tap(self) -> None:
+        """The plugin's options and makeService are those of egressproxy.tap."""
+        (maker,) = [p for p in getPlugins(IServiceMaker) if p.tapname == "egressproxy"]
+        self.assertEqual((maker.options, maker.makeService), (tap.Options, tap.makeService))
