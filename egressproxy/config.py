@@ -52,6 +52,10 @@ __all__ = [
     "ClusterConfig",
     "Config",
     "ConfigError",
+    "DEFAULT_ADMIN",
+    "DEFAULT_METRICS",
+    "HealthCheckConfig",
+    "HttpServiceConfig",
     "Keepalive",
     "ListenAddress",
     "ListenerConfig",
@@ -429,6 +433,18 @@ def _check_positive_seconds(
         raise ValueError(f"{attribute.name} must be seconds > 0, got {value!r}")
 
 
+def _check_non_negative_seconds(
+    _instance: object, attribute: attrs.Attribute, value: object
+) -> None:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value < 0
+    ):
+        raise ValueError(f"{attribute.name} must be seconds >= 0, got {value!r}")
+
+
 def _check_optional_seconds(
     instance: object, attribute: attrs.Attribute, value: object
 ) -> None:
@@ -529,6 +545,23 @@ class Keepalive:
 
 
 @attrs.frozen
+class HealthCheckConfig:
+    """Active health checks of a cluster's endpoints.
+
+    ``tcp`` connects and closes; ``postgres`` also sends an SSLRequest and
+    expects ``S`` or ``N``, which proves a Postgres answers and that it
+    accepts this proxy's egress address (providers that drop non-allowlisted
+    peers right after accept fail it); ``none`` runs no checks.
+    """
+
+    kind: str = attrs.field(default="tcp", validator=attrs.validators.in_(("tcp", "postgres", "none")))
+    interval: float = attrs.field(default=10.0, validator=_check_positive_seconds)
+    timeout: float = attrs.field(default=2.0, validator=_check_positive_seconds)
+    unhealthy_threshold: int = attrs.field(default=2, validator=_check_positive_int)
+    healthy_threshold: int = attrs.field(default=1, validator=_check_positive_int)
+
+
+@attrs.frozen
 class ClusterConfig:
     """One named group of upstream endpoints and the limits for reaching them."""
 
@@ -548,6 +581,10 @@ class ClusterConfig:
     keepalive: Keepalive | None = attrs.field(
         default=Keepalive(),
         validator=attrs.validators.optional(attrs.validators.instance_of(Keepalive)),
+    )
+    health_check: HealthCheckConfig = attrs.field(
+        default=HealthCheckConfig(),
+        validator=attrs.validators.instance_of(HealthCheckConfig),
     )
 
 
@@ -576,6 +613,20 @@ class ListenerConfig:
         ),
     )
     max_connections: int = attrs.field(default=10000, validator=_check_positive_int)
+    proxy_protocol: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
+
+
+@attrs.frozen
+class HttpServiceConfig:
+    """Where one of the HTTP services (admin, metrics) listens."""
+
+    listen: ListenAddress = attrs.field(validator=attrs.validators.instance_of(ListenAddress))
+
+
+#: Admin has full control (drain, reload): loopback only unless told otherwise.
+DEFAULT_ADMIN = HttpServiceConfig(ListenAddress("127.0.0.1:9901", "127.0.0.1", 9901, False, None))
+#: Metrics are read-only: all interfaces, so Fly's scraper reaches them.
+DEFAULT_METRICS = HttpServiceConfig(ListenAddress("[::]:9091", "::", 9091, True, None))
 
 
 @attrs.frozen
@@ -621,6 +672,18 @@ class Config:
         default=AccessLogConfig(),
         validator=attrs.validators.instance_of(AccessLogConfig),
     )
+    #: None when disabled (``admin: false``).
+    admin: HttpServiceConfig | None = attrs.field(
+        default=DEFAULT_ADMIN,
+        validator=attrs.validators.optional(attrs.validators.instance_of(HttpServiceConfig)),
+    )
+    #: None when disabled (``metrics: false``).
+    metrics: HttpServiceConfig | None = attrs.field(
+        default=DEFAULT_METRICS,
+        validator=attrs.validators.optional(attrs.validators.instance_of(HttpServiceConfig)),
+    )
+    drain_timeout: float = attrs.field(default=25.0, validator=_check_non_negative_seconds)
+    shutdown_delay: float = attrs.field(default=0.0, validator=_check_non_negative_seconds)
 
     def __attrs_post_init__(self) -> None:
         for kind, items in (("listener", self.listeners), ("cluster", self.clusters)):
