@@ -3,12 +3,12 @@
 This module owns the file format and everything that can be known about a
 configuration without touching the network: which keys exist, their types and
 ranges, ``${ENV}`` interpolation, cross references (a listener names a defined
-cluster, two listeners do not claim the same address) and the wording of every
-error. Its only door is :func:`load_config` (or :func:`parse_config` for text
-already in hand); both are pure apart from reading the file (and the
-certificate an ``ssl:`` listen description names), and both
-report every problem at once in a single :class:`ConfigError`, each line shaped
-``FILE:LINE: key.path: message``.
+cluster; listeners and the admin and metrics services, written or defaulted, do
+not claim the same address) and the wording of every error. Its only door is
+:func:`load_config` (or :func:`parse_config` for text already in hand); both
+are pure apart from reading the file (and the certificate an ``ssl:`` listen
+description names), and both report every problem at once in a single
+:class:`ConfigError`, each line shaped ``FILE:LINE: key.path: message``.
 
 It does not own what the values mean at run time: it does not resolve names,
 bind or connect sockets, install a resolver for ``hosts:`` or build Twisted
@@ -16,11 +16,13 @@ endpoints (the listener and cluster modules do that from these objects). It does
 not read ``os.environ`` itself; callers pass the mapping in, so tests and
 reloads decide which environment a file is read against.
 
-Not supported in this version: the ``postgres``, ``http_connect`` and
-``socks5`` listener modes and their keys, and the ``admin``, ``metrics``,
-``drain_timeout``, ``shutdown_delay``, ``health_check``, ``tls`` and
-``proxy_protocol`` keys from the design; they are rejected as unknown keys so a
-file written for a later version fails loudly instead of half working. YAML
+Supported from the design's operations keys: ``admin``, ``metrics``,
+``drain_timeout`` and ``shutdown_delay`` at the top level, ``proxy_protocol``
+on listeners and ``health_check`` on clusters. Not supported in this version:
+the ``postgres``, ``http_connect`` and ``socks5`` listener modes and their keys
+(``require_tls``, ``routes``, ``allow_destinations``, ``users``), and ``tls``;
+the modes are refused by ``mode`` and the keys are rejected as unknown keys, so
+a file written for a later version fails loudly instead of half working. YAML
 merge keys (``<<``) are not supported either. Interpolation applies to string
 values only, never to keys.
 """
@@ -779,7 +781,16 @@ def _kind(node: yaml.Node) -> str:
     return "a single value"
 
 
-_TOP_KEYS = ("listeners", "clusters", "hosts", "access_log")
+_TOP_KEYS = (
+    "listeners",
+    "clusters",
+    "hosts",
+    "access_log",
+    "admin",
+    "metrics",
+    "drain_timeout",
+    "shutdown_delay",
+)
 _LISTENER_KEYS = (
     "name",
     "listen",
@@ -788,6 +799,7 @@ _LISTENER_KEYS = (
     "log_prefix",
     "allow_sources",
     "max_connections",
+    "proxy_protocol",
 )
 _CLUSTER_KEYS = (
     "name",
@@ -798,9 +810,21 @@ _CLUSTER_KEYS = (
     "max_connections",
     "max_pending",
     "keepalive",
+    "health_check",
 )
 _KEEPALIVE_KEYS = ("idle", "interval", "count")
+_HEALTH_CHECK_KEYS = (
+    "kind",
+    "interval",
+    "timeout",
+    "unhealthy_threshold",
+    "healthy_threshold",
+)
+_HEALTH_CHECK_KINDS = ("tcp", "postgres", "none")
 _ACCESS_LOG_KEYS = ("format",)
+_HTTP_SERVICE_KEYS = ("listen",)
+#: The HTTP services by top-level key, with the address each has when not told.
+_HTTP_SERVICE_DEFAULTS = {"admin": DEFAULT_ADMIN, "metrics": DEFAULT_METRICS}
 
 
 @attrs.define
@@ -828,7 +852,9 @@ class _Builder:
         self.listener_names: list[_Named] = []
         self.cluster_names: list[_Named] = []
         self.cluster_refs: list[_Named] = []
-        self.listens: list[tuple[ListenAddress, yaml.Node, Path]] = []
+        # Every address something will listen on; the node is None for an
+        # admin or metrics default the file does not spell out.
+        self.listens: list[tuple[ListenAddress, yaml.Node | None, Path]] = []
 
     # -- reporting ----------------------------------------------------------
 
@@ -1013,6 +1039,13 @@ class _Builder:
     def positive(self, node: yaml.Node, path: Path) -> int:
         return self.integer(node, path, 1, None)
 
+    def boolean(self, node: yaml.Node, path: Path) -> bool:
+        """true or false; the text ``true``/``false`` counts, as ``${VAR}`` yields text."""
+        value = _flag(self.scalar(node, path, "true or false"))
+        if not isinstance(value, bool):
+            self.fail(node, path, f"expected true or false, got {_show(value)}")
+        return value
+
     def duration(self, node: yaml.Node, path: Path) -> float:
         value = self.scalar(node, path, "a duration")
         try:
@@ -1041,17 +1074,27 @@ class _Builder:
         access_log = self._optional(
             fields, "access_log", AccessLogConfig(), self._build_access_log
         )
+        for key, default in _HTTP_SERVICE_DEFAULTS.items():
+            if key not in fields:
+                self.listens.append((default.listen, None, (key, "listen")))
+        settings = _FieldReader(self, fields, (), ())
+        admin = settings("admin", self._http_service, DEFAULT_ADMIN)
+        metrics = settings("metrics", self._http_service, DEFAULT_METRICS)
+        drain_timeout = settings("drain_timeout", self.duration, 25.0)
+        shutdown_delay = settings("shutdown_delay", self.duration, 0.0)
         self._check_names("listener", self.listener_names)
         self._check_names("cluster", self.cluster_names)
         self._check_cluster_refs()
         self._check_listens()
         if self.errors or listeners is None or clusters is None:
             return None
-        if hosts is None or access_log is None:
+        if hosts is None or access_log is None or not settings.ok:
             return None
         return self._construct(
             root, (), Config, source=self.source, listeners=listeners,
-            clusters=clusters, hosts=hosts, access_log=access_log,
+            clusters=clusters, hosts=hosts, access_log=access_log, admin=admin,
+            metrics=metrics, drain_timeout=drain_timeout,
+            shutdown_delay=shutdown_delay,
         )
 
     def _optional(
@@ -1128,12 +1171,13 @@ class _Builder:
         )
         allow_sources = read("allow_sources", self._allow_sources)
         max_connections = read("max_connections", self.positive, 10000)
+        proxy_protocol = read("proxy_protocol", self.boolean, False)
         if not read.ok:
             return None
         return self._construct(
             node, path, ListenerConfig, name=name, listen=listen, mode=mode,
             cluster=cluster, log_prefix=log_prefix, allow_sources=allow_sources,
-            max_connections=max_connections,
+            max_connections=max_connections, proxy_protocol=proxy_protocol,
         )
 
     def _build_cluster(self, node: yaml.Node, path: Path) -> ClusterConfig | None:
@@ -1152,6 +1196,7 @@ class _Builder:
         max_connections = read("max_connections", self.positive, 1024)
         max_pending = read("max_pending", self.positive, 128)
         keepalive = read("keepalive", self._keepalive, Keepalive())
+        health_check = read("health_check", self._health_check, HealthCheckConfig())
         if not read.ok:
             return None
         return self._construct(
@@ -1159,7 +1204,7 @@ class _Builder:
             connect_timeout=connect_timeout,
             max_connect_attempts=max_connect_attempts, idle_timeout=idle_timeout,
             max_connections=max_connections, max_pending=max_pending,
-            keepalive=keepalive,
+            keepalive=keepalive, health_check=health_check,
         )
 
     def _listen(self, node: yaml.Node, path: Path) -> ListenAddress:
@@ -1261,9 +1306,12 @@ class _Builder:
             self.fail(node, path, str(e))
 
     def _connect_timeout(self, node: yaml.Node, path: Path) -> float:
+        return self._positive_duration(node, path, "5s")
+
+    def _positive_duration(self, node: yaml.Node, path: Path, example: str) -> float:
         seconds = self.duration(node, path)
         if seconds <= 0:
-            self.fail(node, path, "must be greater than 0 (e.g. 5s)")
+            self.fail(node, path, f"must be greater than 0 (e.g. {example})")
         return seconds
 
     def _idle_timeout(self, node: yaml.Node, path: Path) -> float | None:
@@ -1273,9 +1321,7 @@ class _Builder:
 
     def _keepalive(self, node: yaml.Node, path: Path) -> Keepalive | None:
         if isinstance(node, yaml.ScalarNode):
-            value = self.scalar(node, path, "a mapping or true/false")
-            if isinstance(value, str) and value.lower() in ("true", "false"):
-                value = value.lower() == "true"
+            value = _flag(self.scalar(node, path, "a mapping or true/false"))
             if value is None or value is False:
                 return None
             if value is True:
@@ -1316,6 +1362,69 @@ class _Builder:
                 f"got {_show(value)}",
             )
         return seconds
+
+    def _health_check(self, node: yaml.Node, path: Path) -> HealthCheckConfig:
+        if isinstance(node, yaml.ScalarNode):
+            value = _flag(self.scalar(node, path, "a mapping or true/false"))
+            if value is None or value is True:
+                return HealthCheckConfig()
+            if value is False:
+                return HealthCheckConfig(kind="none")
+            self.fail(
+                node, path,
+                f"expected a mapping with kind, interval, timeout, unhealthy_threshold "
+                f"and healthy_threshold, or false to turn health checks off, got "
+                f"{_show(value)}",
+            )
+        fields = self.mapping(node, path, _HEALTH_CHECK_KEYS)
+        read = _FieldReader(self, fields, path, ())
+        defaults = HealthCheckConfig()
+        kind = read("kind", self._health_check_kind, defaults.kind)
+        interval = read(
+            "interval",
+            lambda n, p: self._positive_duration(n, p, "10s"),
+            defaults.interval,
+        )
+        timeout = read(
+            "timeout",
+            lambda n, p: self._positive_duration(n, p, "2s"),
+            defaults.timeout,
+        )
+        unhealthy_threshold = read(
+            "unhealthy_threshold", self.positive, defaults.unhealthy_threshold
+        )
+        healthy_threshold = read(
+            "healthy_threshold", self.positive, defaults.healthy_threshold
+        )
+        if not read.ok:
+            raise _Invalid()
+        if timeout >= interval:
+            # A check still running when the next is due would overlap it.
+            written = fields.get("timeout") or fields.get("interval") or node
+            timeout_text = _format_seconds(timeout)
+            if "timeout" not in fields:
+                timeout_text += ", the default"
+            interval_text = _format_seconds(interval)
+            if "interval" not in fields:
+                interval_text += ", the default"
+            self.fail(
+                written, path,
+                f"timeout ({timeout_text}) must be less than interval ({interval_text})",
+            )
+        result = self._construct(
+            node, path, HealthCheckConfig, kind=kind, interval=interval,
+            timeout=timeout, unhealthy_threshold=unhealthy_threshold,
+            healthy_threshold=healthy_threshold,
+        )
+        if result is None:
+            raise _Invalid()
+        return result
+
+    def _health_check_kind(self, node: yaml.Node, path: Path) -> str:
+        value = self.scalar(node, path, "tcp, postgres or none")
+        if value not in _HEALTH_CHECK_KINDS:
+            self.fail(node, path, f"expected tcp, postgres or none, got {_show(value)}")
+        return value
 
     def _build_hosts(self, node: yaml.Node, path: Path) -> tuple[tuple[str, str], ...]:
         if not isinstance(node, yaml.MappingNode):
@@ -1375,6 +1484,39 @@ class _Builder:
             self.fail(node, path, f"expected text or json, got {_show(value)}")
         return value
 
+    def _http_service(self, node: yaml.Node, path: Path) -> HttpServiceConfig | None:
+        """``admin`` or ``metrics``: null, true or ``{}`` is the default, false is off.
+
+        The address the service will use, written or default, is claimed for
+        the listen clash check; a key absent from the file is claimed by
+        :meth:`build`.
+        """
+        key = path[-1]
+        default = _HTTP_SERVICE_DEFAULTS[key]
+        listen_path = path + ("listen",)
+        if isinstance(node, yaml.ScalarNode):
+            value = _flag(self.scalar(node, path, "a mapping or true/false"))
+            if value is False:
+                return None
+            if value is None or value is True:
+                self.listens.append((default.listen, None, listen_path))
+                return default
+            self.fail(
+                node, path,
+                f"expected a mapping with listen, or false to turn {key} off, "
+                f"got {_show(value)}",
+            )
+        fields = self.mapping(node, path, _HTTP_SERVICE_KEYS)
+        if "listen" not in fields:
+            self.listens.append((default.listen, None, listen_path))
+            return default
+        listen = self._listen(fields["listen"], listen_path)
+        self.listens.append((listen, fields["listen"], listen_path))
+        result = self._construct(node, path, HttpServiceConfig, listen=listen)
+        if result is None:
+            raise _Invalid()
+        return result
+
     # -- cross checks -------------------------------------------------------
 
     def _check_names(self, kind: str, names: list[_Named]) -> None:
@@ -1404,16 +1546,39 @@ class _Builder:
             )
 
     def _check_listens(self) -> None:
-        for index, (listen, node, path) in enumerate(self.listens):
-            for other, other_node, other_path in self.listens[:index]:
-                if _overlaps(listen, other):
-                    self.report(
-                        node, path,
-                        f"{listen.text!r} overlaps {_render_path(other_path)} "
-                        f"{other.text!r} (line {_line(other_node)}); each listener "
-                        f"needs its own address",
+        # Defaults first, then file order: of two clashing addresses the later
+        # one written carries the error and names the other.
+        claims = sorted(
+            self.listens, key=lambda claim: 0 if claim[1] is None else _line(claim[1])
+        )
+        for index, (listen, node, path) in enumerate(claims):
+            if node is None:
+                continue  # the defaults do not clash with each other
+            for other, other_node, other_path in claims[:index]:
+                if not _overlaps(listen, other):
+                    continue
+                where = _render_path(other_path)
+                if other_node is None:
+                    service = other_path[0]
+                    message = (
+                        f"{listen.text!r} overlaps the default {where} "
+                        f"{other.text!r}; give {service} another address "
+                        f"({service}: {{listen: ...}}) or turn it off "
+                        f"({service}: false)"
                     )
-                    break
+                else:
+                    if path[0] == other_path[0] == "listeners":
+                        needs = "each listener needs its own address"
+                    else:
+                        needs = (
+                            "listeners, admin and metrics each need their own address"
+                        )
+                    message = (
+                        f"{listen.text!r} overlaps {where} {other.text!r} "
+                        f"(line {_line(other_node)}); {needs}"
+                    )
+                self.report(node, path, message)
+                break
 
 
 class _FieldReader:
@@ -1445,6 +1610,20 @@ class _FieldReader:
         except _Invalid:
             self.ok = False
             return default
+
+
+def _flag(value: object) -> object:
+    """The text ``true``/``false`` (what ``${VAR}`` yields) as a bool; others unchanged."""
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    return value
+
+
+def _format_seconds(seconds: float) -> str:
+    """``2.0`` -> ``2s``, ``0.25`` -> ``250ms``: seconds as the file would spell them."""
+    if 0 < seconds < 1:
+        return f"{seconds * 1000:g}ms"
+    return f"{seconds:g}s"
 
 
 def _is_null(node: yaml.Node) -> bool:

@@ -1,36 +1,67 @@
-"""EgressService: the root of the running proxy.
+"""EgressService: the root of the running proxy and its lifecycle.
 
 Design notes
 ------------
 
-The service tree is built from one immutable :class:`Config`.  It owns the
-runtime objects the config describes: one :class:`UpstreamCluster` per
-cluster and one :class:`ListenerRuntime` plus bound port per listener.
+The service is built from one immutable :class:`Config` and owns the runtime
+objects it describes: one :class:`UpstreamCluster` (plus health checker) per
+cluster, one :class:`ListenerRuntime` plus bound port per listener, and the
+two HTTP services (metrics, admin).
 
-Start-up binds every listener in ``privilegedStartService``, synchronously
+**Start.**  Every port is bound in ``privilegedStartService``, synchronously
 and before the reactor runs.  If any bind fails, the ports already bound are
 closed and start-up stops with :class:`SystemExit` carrying a one-line
 message, so ``twistd`` exits 1 instead of running with a listener missing
-(the failure mode of a bare ``StreamServerEndpointService``, which only logs).
+(a bare ``StreamServerEndpointService`` only logs).  ``/ready`` answers 200
+from then on.
 
-Stopping closes the listening ports; connections still open are closed by
-the reactor as it shuts down, each still getting its access-log line.
+**Drain** (SIGTERM, SIGINT, ``POST /drain``).  twistd turns SIGTERM and SIGINT
+into ``reactor.stop()``, which calls ``stopService`` and waits for its
+Deferred, so the drain lives there and the three triggers share it:
+
+1. ``/ready`` turns 503 at once; listeners keep accepting for
+   ``shutdown_delay``, so Fly's proxy (which polls ``/ready``) stops routing
+   here before anything is refused;
+2. listeners stop accepting;
+3. live connections get up to ``drain_timeout`` to finish on their own;
+4. the rest are aborted (access-log flag ``DT``), health checks and the HTTP
+   services stop last, so ``/ready`` keeps saying 503 throughout.
+
+``POST /drain`` runs the same sequence and then stops the reactor, so the
+process exits 0 as it does after SIGTERM.  ``MultiService.stopService`` of
+the application calls us again during that stop; the drain is idempotent.
+
+**Reload** (SIGHUP, ``POST /reload``).  The file is read and validated whole;
+a bad file changes nothing (logged, counted, old config keeps serving).  New
+ports are bound before anything else changes, so a taken port also leaves
+the running config untouched.  Then: clusters and listeners that persist are
+updated *in place* (their counters, and so Prometheus counters, continue;
+live sessions keep the cluster they dialled); removed listeners stop
+accepting while their live connections carry on undisturbed; added ones
+start.  The admin and metrics addresses are fixed at start-up: a change to
+them is reported and needs a restart.
+
+Rejected alternative: building a fresh service tree per reload and swapping
+it in.  It would reset every counter and orphan live sessions' accounting.
 """
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
-from typing import IO
+from typing import IO, Callable
 
 from twisted.application.service import MultiService
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import IListeningPort, IReactorCore
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from egressproxy.accesslog import make_access_logger
 from egressproxy.addresses import format_host_port
-from egressproxy.config import Config
+from egressproxy.config import Config, ConfigError, load_config
 from egressproxy.listen import ListenError, listen
 from egressproxy.listener import ListenerRuntime
 from egressproxy.modes.tcp import TcpProxyFactory
@@ -46,60 +77,286 @@ def format_bound(port: IListeningPort) -> str:
 
 
 class EgressService(MultiService):
-    """Listeners, clusters and their lifecycle; see the module notes."""
+    """Listeners, clusters, HTTP services and their lifecycle; see the module notes."""
 
     log = Logger()
 
-    def __init__(self, config: Config, reactor: IReactorCore, access_stream: IO[str] | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        reactor: IReactorCore,
+        access_stream: IO[str] | None = None,
+        reload_config: Callable[[], Config] | None = None,
+    ) -> None:
         super().__init__()
         self.config = config
         self.reactor = reactor
-        self.access_log = make_access_logger(
-            access_stream if access_stream is not None else sys.stdout, config.access_log.format
-        )
-        self.clusters = {
-            cluster.name: UpstreamCluster(cluster, reactor, config.pinned_address) for cluster in config.clusters
-        }
+        self.access_stream = access_stream if access_stream is not None else sys.stdout
+        self.access_log = make_access_logger(self.access_stream, config.access_log.format)
+        self._reload_config = reload_config or (lambda: load_config(self.config.source, os.environ))
+        #: Called once a drain requested over HTTP is complete (twistd: reactor.stop).
+        self.exit_after_drain: Callable[[], None] | None = None
+        #: Install a SIGHUP handler at start (twistd only; never in tests).
+        self.handle_sighup = False
+        self.clusters = {c.name: self._new_cluster(c) for c in config.clusters}
         self.listeners = {
-            listener.name: ListenerRuntime(listener, self.clusters[listener.cluster], reactor, self.access_log)
-            for listener in config.listeners
+            l.name: ListenerRuntime(l, self.clusters[l.cluster], reactor, self.access_log) for l in config.listeners
         }
+        #: Listeners removed by a reload whose connections are still live.
+        self.retired: list[ListenerRuntime] = []
         self.ports: dict[str, IListeningPort] = {}
+        self.http_ports: dict[str, IListeningPort] = {}
+        self.checkers: dict[str, object] = {}
+        self.reloads = {"success": 0, "error": 0}
+        self.draining = False
+        self._bound = False
+        self._drained: defer.Deferred[None] | None = None
+
+    # -- state read by the HTTP services -----------------------------------
+
+    @property
+    def ready(self) -> bool:
+        """Serving: every listener bound and no drain begun."""
+        return self._bound and not self.draining
+
+    def live_sessions(self) -> int:
+        return sum(r.active for r in self.listeners.values()) + sum(r.active for r in self.retired)
+
+    def _new_cluster(self, config) -> UpstreamCluster:  # type: ignore[no-untyped-def]
+        # Pins are looked up in the current config, so a reload's hosts: apply.
+        return UpstreamCluster(config, self.reactor, lambda host: self.config.pinned_address(host))
+
+    # -- start --------------------------------------------------------------
 
     def privilegedStartService(self) -> None:
-        """Bind every listener now, or none: see the module notes."""
-        for name, runtime in self.listeners.items():
-            try:
-                port = listen(self.reactor, runtime.config.listen, TcpProxyFactory(runtime))
-            except ListenError as e:
-                for bound in self.ports.values():
-                    bound.stopListening()
-                self.ports.clear()
-                raise SystemExit(f"egressproxy: listener {name!r}: {e}") from None
-            self.ports[name] = port
-            self.log.info(
-                "listener {name} ({mode}) listening on {address} -> cluster {cluster}",
-                name=name,
-                mode=runtime.config.mode,
-                address=format_bound(port),
-                cluster=runtime.cluster.name,
-            )
+        """Bind every port now, or none: see the module notes."""
+        if self._bound:
+            return
+        try:
+            for name, runtime in self.listeners.items():
+                self.ports[name] = self._bind_listener(runtime)
+            self._bind_http()
+        except ListenError as e:
+            for port in list(self.ports.values()) + list(self.http_ports.values()):
+                port.stopListening()
+            self.ports.clear()
+            self.http_ports.clear()
+            raise SystemExit(f"egressproxy: {e}") from None
+        self._bound = True
         super().privilegedStartService()
 
+    def _bind_listener(self, runtime: ListenerRuntime) -> IListeningPort:
+        try:
+            port = listen(self.reactor, runtime.config.listen, TcpProxyFactory(runtime))
+        except ListenError as e:
+            raise ListenError(f"listener {runtime.config.name!r}: {e}") from None
+        self.log.info(
+            "listener {name} ({mode}) listening on {address} -> cluster {cluster}",
+            name=runtime.config.name,
+            mode=runtime.config.mode,
+            address=format_bound(port),
+            cluster=runtime.cluster.name,
+        )
+        return port
+
+    def _bind_http(self) -> None:
+        """Bind the metrics and admin HTTP services, if configured."""
+        sites = self._http_sites()
+        for name, service_config in (("metrics", self.config.metrics), ("admin", self.config.admin)):
+            if service_config is None or name not in sites:
+                continue
+            try:
+                port = listen(self.reactor, service_config.listen, sites[name])
+            except ListenError as e:
+                raise ListenError(f"{name}: {e}") from None
+            self.http_ports[name] = port
+            self.log.info("{name} HTTP service listening on {address}", name=name, address=format_bound(port))
+
+    def _http_sites(self) -> dict:  # type: ignore[type-arg]
+        """The HTTP sites to serve; none until the metrics module is wired in."""
+        return {}
+
     def startService(self) -> None:
-        if not self.ports and self.listeners:
+        if not self._bound:
             # startService without privilegedStartService (e.g. in tests).
             self.privilegedStartService()
+        self._start_checkers(self.clusters)
+        if self.handle_sighup:
+            signal.signal(signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.reload))
         super().startService()
 
-    def abort_sessions(self) -> None:
-        """Drop every live connection now (tests, and the end of a drain)."""
-        for runtime in self.listeners.values():
+    def _start_checkers(self, clusters: dict[str, UpstreamCluster]) -> None:
+        """Start health checks (a no-op until the health module is wired in)."""
+
+    def _stop_checkers(self, names: list[str]) -> None:
+        for name in names:
+            checker = self.checkers.pop(name, None)
+            if checker is not None:
+                checker.stop()  # type: ignore[attr-defined]
+
+    # -- drain and stop -----------------------------------------------------
+
+    def request_drain(self) -> None:
+        """Begin the drain (``POST /drain``); the process exits once it is done."""
+        drained = self.drain()
+        if self.exit_after_drain is not None:
+            exit_ = self.exit_after_drain
+            self.exit_after_drain = None
+            drained.addCallback(lambda _: exit_())
+
+    def drain(self) -> defer.Deferred[None]:
+        """Run the drain sequence once; every caller gets the same Deferred."""
+        if self._drained is None:
+            self._drained = defer.ensureDeferred(self._drain())
+        d: defer.Deferred[None] = defer.Deferred()
+        self._drained.addBoth(lambda result: (d.callback(None), result)[1])
+        return d
+
+    async def _drain(self) -> None:
+        config = self.config
+        self.draining = True
+        self.log.info(
+            "draining: /ready is 503; accepting for {delay}s more, then up to {timeout}s for {live} connections",
+            delay=config.shutdown_delay,
+            timeout=config.drain_timeout,
+            live=self.live_sessions(),
+        )
+        if config.shutdown_delay > 0:
+            await deferLater(self.reactor, config.shutdown_delay, lambda: None)
+        await self._stop_listening(list(self.ports))
+        await self._wait_for_sessions(config.drain_timeout)
+        left = self.live_sessions()
+        if left:
+            self.log.info("drain timeout: cutting {left} connections", left=left)
+            self.abort_sessions(flag="DT")
+            await self._wait_for_sessions(5.0)
+        else:
+            self.log.info("drained: no connections left")
+        self._stop_checkers(list(self.checkers))
+        stopping = [defer.maybeDeferred(port.stopListening) for port in self.http_ports.values()]
+        self.http_ports.clear()
+        await defer.gatherResults(stopping)
+
+    async def _stop_listening(self, names: list[str]) -> None:
+        stopping = [defer.maybeDeferred(self.ports.pop(name).stopListening) for name in names]
+        await defer.gatherResults(stopping)
+
+    async def _wait_for_sessions(self, timeout: float) -> None:
+        """Wait until no connection is live, or ``timeout`` seconds (checked 10 times a second)."""
+        step = 0.1
+        for _ in range(int(timeout / step) + 1):
+            if not self.live_sessions():
+                return
+            await deferLater(self.reactor, step, lambda: None)
+
+    def abort_sessions(self, flag: str | None = None) -> None:
+        """Drop every live connection now, marking each with ``flag`` if given."""
+        for runtime in list(self.listeners.values()) + self.retired:
             for session in list(runtime.sessions):
+                if flag:
+                    session.flag(flag)
                 session.abort()
 
     def stopService(self) -> defer.Deferred[None]:
-        stopping = [defer.maybeDeferred(port.stopListening) for port in self.ports.values()]
-        self.ports.clear()
-        stopping.append(defer.maybeDeferred(super().stopService))
-        return defer.gatherResults(stopping).addCallback(lambda _: None)
+        d = self.drain()
+        d.addCallback(lambda _: super(EgressService, self).stopService())
+        return d.addCallback(lambda _: None)
+
+    # -- reload -------------------------------------------------------------
+
+    def reload(self) -> tuple[bool, str]:
+        """Re-read the config file and apply it; (True, summary) or (False, why not)."""
+        if self.draining:
+            return False, "draining: reload refused"
+        try:
+            new = self._reload_config()
+            summary = self._apply(new)
+        except (ConfigError, ListenError) as e:
+            self.reloads["error"] += 1
+            self.log.error("reload failed; the running config stays in force:\n{error}", error=str(e))
+            return False, str(e)
+        self.reloads["success"] += 1
+        self.log.info("config reloaded: {summary}", summary=summary)
+        return True, summary
+
+    def _apply(self, new: Config) -> str:
+        old = self.config
+        old_listeners = {l.name: l for l in old.listeners}
+        new_listeners = {l.name: l for l in new.listeners}
+        added = [n for n in new_listeners if n not in old_listeners]
+        removed = [n for n in old_listeners if n not in new_listeners]
+        rebound = [
+            n for n in new_listeners
+            if n in old_listeners and new_listeners[n].listen != old_listeners[n].listen
+        ]
+        kept = [n for n in new_listeners if n in old_listeners]
+        changed_clusters = []
+
+        # 1. Clusters: new runtimes for new ones; persisting ones are
+        #    reconfigured only after the binds below succeed.
+        new_clusters = {c.name: c for c in new.clusters}
+        fresh = {name: self._new_cluster(c) for name, c in new_clusters.items() if name not in self.clusters}
+        cluster_of = {**self.clusters, **fresh}
+
+        # 2. Bind every new address first: a failure leaves all as it was.
+        bound: dict[str, IListeningPort] = {}
+        runtimes: dict[str, ListenerRuntime] = {}
+        try:
+            for name in added:
+                runtimes[name] = ListenerRuntime(
+                    new_listeners[name], cluster_of[new_listeners[name].cluster], self.reactor, self.access_log
+                )
+                bound[name] = self._bind_listener(runtimes[name])
+            for name in rebound:
+                factory = TcpProxyFactory(self.listeners[name])
+                try:
+                    bound[name] = listen(self.reactor, new_listeners[name].listen, factory)
+                except ListenError as e:
+                    raise ListenError(f"listener {name!r}: {e}") from None
+        except ListenError:
+            for port in bound.values():
+                port.stopListening()
+            raise
+
+        # 3. Commit.
+        self.config = new
+        if new.access_log != old.access_log:
+            self.access_log = make_access_logger(self.access_stream, new.access_log.format)
+        for name, cluster_config in new_clusters.items():
+            runtime = cluster_of[name]
+            if name in self.clusters and runtime.config != cluster_config:
+                runtime.reconfigure(cluster_config)
+                changed_clusters.append(name)
+        gone_clusters = [name for name in self.clusters if name not in new_clusters]
+        self._stop_checkers(gone_clusters + changed_clusters)
+        self.clusters = {name: cluster_of[name] for name in new_clusters}
+        for name in kept:
+            runtime = self.listeners[name]
+            runtime.config = new_listeners[name]
+            runtime.cluster = self.clusters[new_listeners[name].cluster]
+            runtime.access_log = self.access_log
+        for name in rebound:
+            old_port = self.ports.pop(name)
+            old_port.stopListening()
+            self.ports[name] = bound[name]
+        for name in added:
+            self.listeners[name] = runtimes[name]
+            self.ports[name] = bound[name]
+        for name in removed:
+            runtime = self.listeners.pop(name)
+            self.ports.pop(name).stopListening()
+            if runtime.sessions:
+                self.retired.append(runtime)
+        self.retired = [r for r in self.retired if r.sessions]
+        self._start_checkers({n: self.clusters[n] for n in list(fresh) + changed_clusters})
+        if (new.admin, new.metrics) != (old.admin, old.metrics):
+            self.log.warn("admin and metrics addresses changed: that takes a restart")
+        parts = [
+            f"{len(added)} listener(s) added" if added else "",
+            f"{len(removed)} removed" if removed else "",
+            f"{len(rebound)} rebound" if rebound else "",
+            f"{len(fresh)} cluster(s) added" if fresh else "",
+            f"{len(changed_clusters)} cluster(s) changed" if changed_clusters else "",
+            f"{len(gone_clusters)} cluster(s) removed" if gone_clusters else "",
+        ]
+        return ", ".join(p for p in parts if p) or "no changes"

@@ -11,8 +11,12 @@ itself stays in logs.
 Failover: up to ``max_connect_attempts`` attempts, each to the next endpoint
 in round-robin order, each bounded by ``connect_timeout`` (DNS included).
 There is no delay between attempts: a refused connect is cheap, and the
-attempts are bounded in number.  This module does not know about TLS or
-health checks.
+attempts are bounded in number.  This module does not know about TLS.
+
+Health: endpoints that the cluster's health checker (``health.py``) marked
+unhealthy are left out of the rotation while at least one endpoint is not;
+when all of them are unhealthy, all are tried anyway (panic mode, counted in
+``panic_total``), so a broken checker can never cause an outage by itself.
 """
 
 from __future__ import annotations
@@ -82,6 +86,8 @@ class UpstreamCluster:
         self.connect_seconds = Histogram()
         self.endpoints: dict[Address, EndpointState] = {a: EndpointState(a) for a in config.endpoints}
         self._next_endpoint = 0
+        #: Dials started while every endpoint was unhealthy (panic mode).
+        self.panic_total = 0
 
     def connected(self, address: Address, seconds: float) -> None:
         """An upstream connection to ``address`` was established after ``seconds``."""
@@ -100,21 +106,48 @@ class UpstreamCluster:
         if state is not None:
             state.active -= 1
 
+    def reconfigure(self, config: ClusterConfig) -> None:
+        """Adopt a reloaded config in place: counters and live accounting carry on.
+
+        Endpoints that persist keep their state (health, counts); new ones
+        start unknown; removed ones are dropped (their live connections still
+        release through the breaker, which is shared).
+        """
+        self.config = config
+        self.breaker.max_connections = config.max_connections
+        self.breaker.max_pending = config.max_pending
+        self.endpoints = {a: self.endpoints.get(a) or EndpointState(a) for a in config.endpoints}
+
     @property
     def name(self) -> str:
         return self.config.name
 
+    def _unhealthy(self, address: Address) -> bool:
+        state = self.endpoints.get(address)
+        return state is not None and state.healthy is False
+
+    def panicking(self) -> bool:
+        """True when every endpoint is marked unhealthy, so all of them are tried anyway."""
+        return all(self._unhealthy(address) for address in self.config.endpoints)
+
     def endpoint_order(self) -> list[Address]:
-        """All endpoints, starting one further along at each call (round robin)."""
-        endpoints = self.config.endpoints
+        """The endpoints to try, starting one further along at each call (round robin).
+
+        Endpoints marked unhealthy are left out (not yet checked counts as
+        healthy); when every endpoint is unhealthy, all of them are returned
+        (panic mode).
+        """
+        endpoints = [a for a in self.config.endpoints if not self._unhealthy(a)] or list(self.config.endpoints)
         start = self._next_endpoint % len(endpoints)
         self._next_endpoint = start + 1
-        return list(endpoints[start:] + endpoints[:start])
+        return endpoints[start:] + endpoints[:start]
 
     def dial(self, protocol: Protocol, on_attempt: Callable[[Address], None]) -> UpstreamDial | None:
         """Start connecting ``protocol`` to this cluster; None when the breaker is open."""
         if not self.breaker.try_acquire_pending():
             return None
+        if self.panicking():
+            self.panic_total += 1
         attempt = UpstreamDial(self, protocol, on_attempt)
         attempt.start()
         return attempt

@@ -22,6 +22,8 @@ from egressproxy.config import (
     ClusterConfig,
     Config,
     ConfigError,
+    HealthCheckConfig,
+    HttpServiceConfig,
     Keepalive,
     ListenAddress,
     ListenerConfig,
@@ -242,6 +244,7 @@ class DefaultsTests(SynchronousTestCase):
                         log_prefix="MAIN",
                         allow_sources=None,
                         max_connections=10000,
+                        proxy_protocol=False,
                     ),
                 ),
                 clusters=(
@@ -254,10 +257,22 @@ class DefaultsTests(SynchronousTestCase):
                         max_connections=1024,
                         max_pending=128,
                         keepalive=Keepalive(60.0, 15.0, 4),
+                        health_check=HealthCheckConfig(
+                            kind="tcp", interval=10.0, timeout=2.0,
+                            unhealthy_threshold=2, healthy_threshold=1,
+                        ),
                     ),
                 ),
                 hosts=(),
                 access_log=AccessLogConfig(format="text"),
+                admin=HttpServiceConfig(
+                    ListenAddress("127.0.0.1:9901", "127.0.0.1", 9901, False, None)
+                ),
+                metrics=HttpServiceConfig(
+                    ListenAddress("[::]:9091", "::", 9091, True, None)
+                ),
+                drain_timeout=25.0,
+                shutdown_delay=0.0,
             ),
         )
 
@@ -271,6 +286,10 @@ class DefaultsTests(SynchronousTestCase):
                 max_connections="10",
                 max_pending="2",
                 keepalive="{idle: 2m, interval: 5s, count: 9}",
+                health_check=(
+                    "{kind: postgres, interval: 30s, timeout: 1500ms, "
+                    "unhealthy_threshold: 5, healthy_threshold: 3}"
+                ),
             )
         )
         self.assertEqual(
@@ -284,14 +303,25 @@ class DefaultsTests(SynchronousTestCase):
                 max_connections=10,
                 max_pending=2,
                 keepalive=Keepalive(idle=120.0, interval=5.0, count=9),
+                health_check=HealthCheckConfig(
+                    kind="postgres", interval=30.0, timeout=1.5,
+                    unhealthy_threshold=5, healthy_threshold=3,
+                ),
             ),
         )
         listener = parse(
-            with_listener(mode="tcp", log_prefix="PG-1", max_connections="7")
+            with_listener(
+                mode="tcp", log_prefix="PG-1", max_connections="7", proxy_protocol="true"
+            )
         ).listeners[0]
         self.assertEqual(
-            (listener.mode, listener.log_prefix, listener.max_connections),
-            ("tcp", "PG-1", 7),
+            (
+                listener.mode,
+                listener.log_prefix,
+                listener.max_connections,
+                listener.proxy_protocol,
+            ),
+            ("tcp", "PG-1", 7, True),
         )
 
     def test_keepalive_off(self) -> None:
@@ -429,6 +459,98 @@ class ListenFormTests(SynchronousTestCase):
         self.assertEqual(str(self.listen("[::1]:5432")), "[::1]:5432")
 
 
+class OperationsTests(SynchronousTestCase):
+    """The admin and metrics services, drain timing, health checks and PROXY protocol."""
+
+    def test_services_set(self) -> None:
+        """admin and metrics listen where they are told, in any listen form."""
+        config = parse(
+            MINIMAL + "admin: {listen: 'unix:/run/admin.sock'}\nmetrics: {listen: ':9100'}\n"
+        )
+        self.assertEqual(
+            (config.admin, config.metrics),
+            (
+                HttpServiceConfig(
+                    ListenAddress(
+                        "unix:/run/admin.sock", None, None, False,
+                        description="unix:/run/admin.sock",
+                    )
+                ),
+                HttpServiceConfig(ListenAddress(":9100", "::", 9100, True, None)),
+            ),
+        )
+
+    def test_services_off(self) -> None:
+        """admin: false and metrics: false turn the services off."""
+        config = parse(MINIMAL + "admin: false\nmetrics: false\n")
+        self.assertEqual((config.admin, config.metrics), (None, None))
+
+    def test_service_null(self) -> None:
+        """metrics: null keeps the default metrics service."""
+        self.assertEqual(
+            parse(MINIMAL + "metrics: null\n").metrics,
+            HttpServiceConfig(ListenAddress("[::]:9091", "::", 9091, True, None)),
+        )
+
+    def test_service_empty_mapping(self) -> None:
+        """admin: {} keeps the default admin address."""
+        self.assertEqual(
+            parse(MINIMAL + "admin: {}\n").admin,
+            HttpServiceConfig(
+                ListenAddress("127.0.0.1:9901", "127.0.0.1", 9901, False, None)
+            ),
+        )
+
+    def test_service_off_from_variable(self) -> None:
+        """metrics accepts the text false from a variable."""
+        config = parse(MINIMAL + "metrics: ${METRICS}\n", {"METRICS": "false"})
+        self.assertIsNone(config.metrics)
+
+    def test_listener_on_moved_metrics_port(self) -> None:
+        """A listener may take the default metrics port once metrics is off."""
+        config = parse(with_listener(listen='":9091"') + "metrics: false\n")
+        self.assertEqual(config.listeners[0].listen.port, 9091)
+
+    def test_drain_and_delay_set(self) -> None:
+        """drain_timeout and shutdown_delay are read as durations."""
+        config = parse(MINIMAL + "drain_timeout: 1m30s\nshutdown_delay: 5s\n")
+        self.assertEqual((config.drain_timeout, config.shutdown_delay), (90.0, 5.0))
+
+    def test_drain_zero(self) -> None:
+        """drain_timeout: 0 is allowed and means close at once."""
+        self.assertEqual(parse(MINIMAL + "drain_timeout: 0s\n").drain_timeout, 0.0)
+
+    def test_health_check_partial(self) -> None:
+        """A health_check mapping with some keys defaults the others."""
+        self.assertEqual(
+            parse(with_cluster(health_check="{kind: postgres, interval: 30s}"))
+            .clusters[0].health_check,
+            HealthCheckConfig(
+                kind="postgres", interval=30.0, timeout=2.0,
+                unhealthy_threshold=2, healthy_threshold=1,
+            ),
+        )
+
+    def test_health_check_off(self) -> None:
+        """health_check: false runs no checks."""
+        self.assertEqual(
+            parse(with_cluster(health_check="false")).clusters[0].health_check,
+            HealthCheckConfig(kind="none"),
+        )
+
+    def test_health_check_null(self) -> None:
+        """health_check: null keeps the default TCP check."""
+        self.assertEqual(
+            parse(with_cluster(health_check="null")).clusters[0].health_check,
+            HealthCheckConfig(kind="tcp"),
+        )
+
+    def test_proxy_protocol_from_variable(self) -> None:
+        """proxy_protocol accepts the text true from a variable."""
+        config = parse(with_listener(proxy_protocol="${PP}"), {"PP": "true"})
+        self.assertIs(config.listeners[0].proxy_protocol, True)
+
+
 class DurationTests(SynchronousTestCase):
     """parse_duration, the one reader of durations."""
 
@@ -558,15 +680,16 @@ class ErrorTests(SynchronousTestCase):
             errors(MINIMAL + "zzz: 1\n"),
             (
                 "egress.yaml:8: unknown key 'zzz' (expected one of: listeners, "
-                "clusters, hosts, access_log)",
+                "clusters, hosts, access_log, admin, metrics, drain_timeout, "
+                "shutdown_delay)",
             ),
         )
 
     def test_future_key_rejected(self) -> None:
-        """A key from a later version, such as health_check, is rejected, not ignored."""
-        (error,) = errors(with_cluster(health_check="{kind: tcp}"))
+        """A key from a later version, such as tls, is rejected, not ignored."""
+        (error,) = errors(with_cluster(tls="{server_name: db.example.com}"))
         self.assertTrue(
-            error.startswith("egress.yaml:8: clusters[0]: unknown key 'health_check'"),
+            error.startswith("egress.yaml:8: clusters[0]: unknown key 'tls'"),
             error,
         )
 
@@ -1058,7 +1181,8 @@ class ErrorTests(SynchronousTestCase):
             errors("- listeners\n"),
             (
                 "egress.yaml:1: expected a mapping with keys listeners, clusters, "
-                "hosts, access_log, got a list",
+                "hosts, access_log, admin, metrics, drain_timeout, shutdown_delay, "
+                "got a list",
             ),
         )
 
@@ -1097,6 +1221,170 @@ class ErrorTests(SynchronousTestCase):
                 "egress.yaml:10: clusters[0].keepalive: unknown key 'intervl'; did you "
                 "mean 'interval'?",
             ),
+        )
+
+    def test_bad_drain_timeout(self) -> None:
+        """An unparseable drain_timeout names the accepted spellings."""
+        self.assertEqual(
+            errors(MINIMAL + "drain_timeout: soon\n"),
+            (
+                "egress.yaml:8: drain_timeout: expected a duration such as 250ms, 5s, "
+                "2m, 1h or 1m30s (a plain number means seconds), got 'soon'",
+            ),
+        )
+
+    def test_negative_drain_timeout(self) -> None:
+        """A negative drain_timeout is rejected."""
+        self.assertEqual(
+            errors(MINIMAL + "drain_timeout: -5s\n"),
+            ("egress.yaml:8: drain_timeout: a duration cannot be negative, got '-5s'",),
+        )
+
+    def test_negative_shutdown_delay(self) -> None:
+        """A negative shutdown_delay is rejected."""
+        self.assertEqual(
+            errors(MINIMAL + "shutdown_delay: -1\n"),
+            ("egress.yaml:8: shutdown_delay: a duration cannot be negative, got -1",),
+        )
+
+    def test_unknown_key_in_metrics(self) -> None:
+        """An unknown key inside metrics gets a suggestion."""
+        self.assertEqual(
+            errors(MINIMAL + "metrics: {listn: ':9100'}\n"),
+            ("egress.yaml:8: metrics: unknown key 'listn'; did you mean 'listen'?",),
+        )
+
+    def test_bad_service_value(self) -> None:
+        """admin must be a mapping or a boolean."""
+        self.assertEqual(
+            errors(MINIMAL + "admin: loopback\n"),
+            (
+                "egress.yaml:8: admin: expected a mapping with listen, or false to "
+                "turn admin off, got 'loopback'",
+            ),
+        )
+
+    def test_bad_service_listen(self) -> None:
+        """A service's listen value is checked like a listener's."""
+        self.assertEqual(
+            errors(MINIMAL + "admin: {listen: 'localhost:9901'}\n"),
+            (
+                "egress.yaml:8: admin.listen: expected an IP address to listen on, "
+                "got host name 'localhost' (use 127.0.0.1:9901, [::1]:9901, or "
+                ":9901 for all interfaces)",
+            ),
+        )
+
+    def test_metrics_listen_overlaps_listener(self) -> None:
+        """metrics.listen on a listener's address and port clashes with it."""
+        self.assertEqual(
+            errors(with_listener(listen='":9091"') + "metrics: {listen: ':9091'}\n"),
+            (
+                "egress.yaml:8: metrics.listen: ':9091' overlaps listeners[0].listen "
+                "':9091' (line 3); listeners, admin and metrics each need their own "
+                "address",
+            ),
+        )
+
+    def test_listener_overlaps_default_metrics(self) -> None:
+        """A listener on the default metrics port says how to move or turn off metrics."""
+        self.assertEqual(
+            errors(with_listener(listen='"0.0.0.0:9091"')),
+            (
+                "egress.yaml:3: listeners[0].listen: '0.0.0.0:9091' overlaps the "
+                "default metrics.listen '[::]:9091'; give metrics another address "
+                "(metrics: {listen: ...}) or turn it off (metrics: false)",
+            ),
+        )
+
+    def test_admin_overlaps_default_metrics(self) -> None:
+        """admin moved onto the default metrics port clashes with metrics."""
+        self.assertEqual(
+            errors(MINIMAL + "admin: {listen: '[::1]:9091'}\n"),
+            (
+                "egress.yaml:8: admin.listen: '[::1]:9091' overlaps the default "
+                "metrics.listen '[::]:9091'; give metrics another address (metrics: "
+                "{listen: ...}) or turn it off (metrics: false)",
+            ),
+        )
+
+    def test_bad_health_check_kind(self) -> None:
+        """health_check.kind must be tcp, postgres or none."""
+        self.assertEqual(
+            errors(with_cluster(health_check="{kind: http}")),
+            (
+                "egress.yaml:8: clusters[0].health_check.kind: expected tcp, postgres "
+                "or none, got 'http'",
+            ),
+        )
+
+    def test_health_check_timeout_not_below_interval(self) -> None:
+        """A health check timeout equal to its interval is rejected, naming both."""
+        self.assertEqual(
+            errors(with_cluster(health_check="{interval: 5s, timeout: 5s}")),
+            (
+                "egress.yaml:8: clusters[0].health_check: timeout (5s) must be less "
+                "than interval (5s)",
+            ),
+        )
+
+    def test_health_check_interval_below_default_timeout(self) -> None:
+        """An interval at or under the default timeout says the timeout is the default."""
+        self.assertEqual(
+            errors(with_cluster(health_check="{interval: 1s}")),
+            (
+                "egress.yaml:8: clusters[0].health_check: timeout (2s, the default) "
+                "must be less than interval (1s)",
+            ),
+        )
+
+    def test_health_check_bad_numbers(self) -> None:
+        """Health check durations must be above zero and thresholds at least one."""
+        self.assertEqual(
+            errors(
+                with_cluster(
+                    health_check="{interval: 0s, timeout: 0, unhealthy_threshold: 0, "
+                    "healthy_threshold: 1.5}"
+                )
+            ),
+            (
+                "egress.yaml:8: clusters[0].health_check.interval: must be greater "
+                "than 0 (e.g. 10s)",
+                "egress.yaml:8: clusters[0].health_check.timeout: must be greater "
+                "than 0 (e.g. 2s)",
+                "egress.yaml:8: clusters[0].health_check.unhealthy_threshold: expected "
+                "a whole number >= 1, got 0",
+                "egress.yaml:8: clusters[0].health_check.healthy_threshold: expected "
+                "a whole number >= 1, got 1.5",
+            ),
+        )
+
+    def test_unknown_key_in_health_check(self) -> None:
+        """An unknown key inside health_check gets a suggestion."""
+        self.assertEqual(
+            errors(with_cluster(health_check="{kind: tcp, intervall: 5s}")),
+            (
+                "egress.yaml:8: clusters[0].health_check: unknown key 'intervall'; "
+                "did you mean 'interval'?",
+            ),
+        )
+
+    def test_bad_health_check_value(self) -> None:
+        """health_check must be a mapping or a boolean."""
+        self.assertEqual(
+            errors(with_cluster(health_check="tcp")),
+            (
+                "egress.yaml:8: clusters[0].health_check: expected a mapping with "
+                "kind, interval, timeout, unhealthy_threshold and healthy_threshold, "
+                "or false to turn health checks off, got 'tcp'",
+            ),
+        )
+
+    def test_proxy_protocol_not_a_bool(self) -> None:
+        """proxy_protocol must be true or false."""
+        self.assertEqual(
+            errors(with_listener(proxy_protocol="v2")),
+            ("egress.yaml:5: listeners[0].proxy_protocol: expected true or false, got 'v2'",),
         )
 
     def test_str_joins_errors(self) -> None:

@@ -18,7 +18,9 @@ from twisted.internet.task import deferLater
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import SkipTest, TestCase
 
-from egressproxy.config import parse_config
+import attrs
+
+from egressproxy.config import HttpServiceConfig, ListenAddress, parse_config
 from egressproxy.service import EgressService
 
 
@@ -35,7 +37,15 @@ class InProcessProxy:
     """An EgressService on the test reactor, stopped (and its sessions dropped) at cleanup."""
 
     def __init__(self, testcase: TestCase, yaml_text: str, environ: Mapping[str, str] | None = None) -> None:
-        self.config = parse_config(yaml_text, "test.yaml", dict(environ or {}))
+        config = parse_config(yaml_text, "test.yaml", dict(environ or {}))
+        # Unless a test asks for them, the HTTP services listen on loopback
+        # ephemeral ports, never on the defaults a developer's proxy may hold.
+        ephemeral = HttpServiceConfig(ListenAddress("127.0.0.1:0", "127.0.0.1", 0, False, None))
+        self.config = attrs.evolve(
+            config,
+            admin=config.admin if "admin:" in yaml_text else ephemeral,
+            metrics=config.metrics if "metrics:" in yaml_text else ephemeral,
+        )
         self.access = io.StringIO()
         self.service = EgressService(self.config, reactor, access_stream=self.access)
         self.service.startService()
@@ -53,13 +63,14 @@ class InProcessProxy:
         return self.access_lines()
 
     def live_sessions(self) -> int:
-        return sum(len(runtime.sessions) for runtime in self.service.listeners.values())
+        return self.service.live_sessions()
 
     async def stop(self) -> None:
-        if self.service.running:
-            await self.service.stopService()
+        # Drop live connections first, so the drain in stopService finds none.
         self.service.abort_sessions()
         await wait_until(lambda: self.live_sessions() == 0, timeout=5)
+        if self.service.running:
+            await self.service.stopService()
         # Let connectionLost calls already scheduled by the aborts run.
         await deferLater(reactor, 0.05, lambda: None)
 
