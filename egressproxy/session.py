@@ -4,6 +4,12 @@ A session owns the connection's counters (plain integers the data path adds
 to), its outcome flags, its timers and its upstream dial; it ends exactly
 once, in :meth:`Session.finish`, which emits the access record and updates
 the listener's totals.  The byte path itself lives in ``splice.py``.
+
+On a listener with ``proxy_protocol``, the session first reads the client's
+PROXY header (parsed by ``proxyprotocol.py``): the header's source becomes
+the peer, and only then is the client admitted and the upstream dialled.
+A connection without a valid header within ``HEADER_TIMEOUT`` is closed with
+flag ``DPE`` and counted as rejected for reason ``proxy_protocol``.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from twisted.python.failure import Failure
 from egressproxy.accesslog import AccessRecord
 from egressproxy.addresses import format_peer
 from egressproxy.config import Address
+from egressproxy.proxyprotocol import HEADER_TIMEOUT, HeaderParser, InvalidProxyHeader
 from egressproxy.sockopts import tune_tcp
 from egressproxy.splice import LINGER, DownstreamLeg, Leg, UpstreamLeg, join
 from egressproxy.upstream import UpstreamConnectFailed, UpstreamDial
@@ -45,6 +52,9 @@ class Session:
         self._timers: list[IDelayedCall] = []
         self._idle_seen = 0
         self._idle_since = 0.0
+        #: Set while the PROXY header is awaited; None before and after.
+        self._header: HeaderParser | None = None
+        self._header_timer: IDelayedCall | None = None
 
     # -- outcome -----------------------------------------------------------
 
@@ -79,9 +89,18 @@ class Session:
     # -- lifecycle -----------------------------------------------------------
 
     def downstream_connected(self, leg: DownstreamLeg) -> None:
-        """A client connected: admit it, then hold its bytes while the upstream connects."""
+        """A client connected: admit it, then hold its bytes while the upstream connects.
+
+        On a ``proxy_protocol`` listener, admission waits for the header.
+        """
         self.down = leg
         tune_tcp(leg.transport, self.keepalive)
+        if self.listener.config.proxy_protocol:
+            self._await_proxy_header(leg)
+            return
+        self._admit(leg)
+
+    def _admit(self, leg: DownstreamLeg) -> None:
         refusal = self.listener.admit(self)
         if refusal is not None:
             self.flag(refusal)
@@ -130,6 +149,10 @@ class Session:
     def leg_lost(self, leg: Leg, reason: Failure) -> None:
         """One leg's connection is gone: close the other, finish when both are."""
         down, up = self.down, self.up
+        if self._header is not None:
+            # Gone before its PROXY header: never admitted, but still a connection.
+            self._stop_reading_header()
+            self._count_unadmitted(None)
         if reason.check(ConnectionLost) and not reason.check(ConnectionAborted) and self._ending_abruptly():
             # A reset, not a FIN; our own aborts (idle, linger) carry their own flag.
             self.flag("DC" if leg is down else "UC")
@@ -172,6 +195,71 @@ class Session:
         """A client delivered more than a splice holds before connecting: drop it."""
         if self.down is not None:
             self.down.abort()
+
+    # -- PROXY protocol ------------------------------------------------------
+
+    def _await_proxy_header(self, leg: DownstreamLeg) -> None:
+        """Read the header before admission; the leg keeps reading meanwhile (splice note 6)."""
+        self._header = HeaderParser()
+        self._header_timer = self.reactor.callLater(
+            HEADER_TIMEOUT, self._refuse_proxy_header, f"no complete PROXY header within {HEADER_TIMEOUT:g}s"
+        )
+        self._timers.append(self._header_timer)
+        leg.read_preamble(self._read_proxy_header, self._proxy_header_eof)
+
+    def _read_proxy_header(self, data: bytes) -> None:
+        """The leg's ``forward`` until the header is complete (or refused)."""
+        parser = self._header
+        if parser is None:
+            return  # refused already: the leg is closing
+        try:
+            result = parser.feed(data)
+        except InvalidProxyHeader as e:
+            self._refuse_proxy_header(str(e))
+            return
+        if result is None:
+            return
+        header, rest = result
+        self._stop_reading_header()
+        if header.source is not None:
+            self.peer_address = header.source
+        leg = self.down
+        assert leg is not None
+        # The bytes after the header go upstream first, as a mode's leftovers do.
+        leg.end_preamble(rest)
+        self._admit(leg)
+
+    def _proxy_header_eof(self) -> None:
+        if self._header is not None:
+            self._refuse_proxy_header("EOF before a complete PROXY header")
+
+    def _stop_reading_header(self) -> None:
+        self._header = None
+        if self._header_timer is not None and self._header_timer.active():
+            self._header_timer.cancel()
+        self._header_timer = None
+
+    def _count_unadmitted(self, reason: str | None) -> None:
+        """Count a connection that ended before admission (which counts the others)."""
+        listener = self.listener
+        listener.connections_total += 1
+        if reason is not None:
+            listener.rejected[reason] = listener.rejected.get(reason, 0) + 1
+
+    def _refuse_proxy_header(self, why: str) -> None:
+        """No valid header (bad bytes, EOF, timeout): close without dialling, flag DPE."""
+        if self._header is None:
+            return
+        self._stop_reading_header()
+        self._count_unadmitted("proxy_protocol")
+        self.flag("DPE")
+        self.listener.log.warn(
+            "{listener}: refused {peer}: {reason}",
+            listener=self.listener.config.name,
+            peer=format_peer(self.peer_address),
+            reason=why,
+        )
+        self.down.close()  # type: ignore[union-attr]
 
     # -- timers --------------------------------------------------------------
 

@@ -40,6 +40,17 @@ Invariants:
    ``PENDING_LIMIT`` bytes, and written upstream first.  An EOF seen before
    the upstream exists is replayed as a write-side shutdown right after.
 
+6. **A preamble before admission.**  A listener with ``proxy_protocol``
+   must read the client's PROXY header before it knows who the client is, so
+   before the session admits it or dials.  Its client leg is therefore *not*
+   paused at first: ``read_preamble`` points ``forward`` at the session's
+   header reader (bounded by the header's size cap and a timeout) and routes
+   an EOF there; ``end_preamble`` goes back to holding, starting with the
+   bytes that followed the header, and the rules above apply from then on.
+   Other listeners never call it, so their per-chunk path is unchanged.
+   Rejected: a wrapping protocol that strips the header (Twisted's
+   ``HAProxyWrappingFactory``); it stays in the path of every later chunk.
+
 Rejected alternative: resetting a ``TimeoutMixin`` timer per chunk for the
 idle timeout.  It costs a ``DelayedCall.reset`` on every read; comparing the
 byte counters every quarter of the timeout costs nothing per chunk and fires
@@ -85,6 +96,8 @@ class Leg(Protocol):
     read_closed = False
     #: This leg's connection is gone.
     lost = False
+    #: While a preamble is read (note 6): told of an EOF instead of the peer.
+    _preamble_eof: Callable[[], None] | None = None
 
     def __init__(self, session: Session) -> None:
         self.session = session
@@ -100,9 +113,24 @@ class Leg(Protocol):
         if self.pending_size > PENDING_LIMIT:
             self.session.refuse_overlong_preamble()
 
+    def read_preamble(self, reader: Callable[[bytes], None], eof: Callable[[], None]) -> None:
+        """Give chunks to ``reader`` and an EOF to ``eof`` until ``end_preamble`` (note 6)."""
+        self.forward = reader
+        self._preamble_eof = eof
+
+    def end_preamble(self, rest: bytes) -> None:
+        """The preamble is complete: hold ``rest`` and later chunks for the splice."""
+        self._preamble_eof = None
+        self.forward = self._hold
+        if rest:
+            self._hold(rest)
+
     def readConnectionLost(self) -> None:
         """EOF from this leg's peer socket: pass it on as a write-side shutdown."""
         self.read_closed = True
+        if self._preamble_eof is not None:
+            self._preamble_eof()
+            return
         peer = self.peer
         if peer is None or peer.lost:
             return
