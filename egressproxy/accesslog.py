@@ -34,6 +34,8 @@ FLAGS = {
     "UC": "upstream connection terminated abnormally (reset)",
     "RBAC": "source address not in the listener's allow_sources",
     "OM": "listener at max_connections (overload)",
+    "DPE": "downstream protocol error: no valid PROXY protocol header",
+    "DT": "cut when drain_timeout expired during shutdown",
 }
 
 

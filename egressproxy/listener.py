@@ -21,6 +21,10 @@ if TYPE_CHECKING:
     from egressproxy.session import Session
 
 
+#: Why a connection may be refused before anything is dialled.
+REJECT_REASONS = ("source", "max_connections", "proxy_protocol")
+
+
 class ListenerRuntime:
     """One listener's config, cluster, live sessions and totals."""
 
@@ -35,7 +39,8 @@ class ListenerRuntime:
         self.access_log = access_log
         self.sessions: set[Session] = set()
         self.connections_total = 0
-        self.rejected: dict[str, int] = {}
+        # Known reasons start at zero, so their series exist before the first event.
+        self.rejected: dict[str, int] = dict.fromkeys(REJECT_REASONS, 0)
         self.finished_bytes_received = 0
         self.finished_bytes_sent = 0
 

@@ -15,21 +15,22 @@ message, so ``twistd`` exits 1 instead of running with a listener missing
 (a bare ``StreamServerEndpointService`` only logs).  ``/ready`` answers 200
 from then on.
 
-**Drain** (SIGTERM, SIGINT, ``POST /drain``).  twistd turns SIGTERM and SIGINT
-into ``reactor.stop()``, which calls ``stopService`` and waits for its
-Deferred, so the drain lives there and the three triggers share it:
+**Drain** (SIGTERM, SIGINT, ``POST /drain``).  All three call
+:meth:`request_drain`, which runs the drain and then stops the reactor, so the
+process exits 0.  Anything else that stops the reactor runs ``stopService``,
+which waits for the same drain:
 
 1. ``/ready`` turns 503 at once; listeners keep accepting for
-   ``shutdown_delay``, so Fly's proxy (which polls ``/ready``) stops routing
-   here before anything is refused;
+   ``shutdown_delay``, so whatever routes here (Fly's proxy, which stops
+   routing to a stopping Machine; a load balancer polling ``/ready``) moves
+   away before anything is refused;
 2. listeners stop accepting;
 3. live connections get up to ``drain_timeout`` to finish on their own;
 4. the rest are aborted (access-log flag ``DT``), health checks and the HTTP
    services stop last, so ``/ready`` keeps saying 503 throughout.
 
-``POST /drain`` runs the same sequence and then stops the reactor, so the
-process exits 0 as it does after SIGTERM.  ``MultiService.stopService`` of
-the application calls us again during that stop; the drain is idempotent.
+``MultiService.stopService`` of the application calls us again while the
+reactor stops after a drain; the drain is idempotent.
 
 **Reload** (SIGHUP, ``POST /reload``).  The file is read and validated whole;
 a bad file changes nothing (logged, counted, old config keeps serving).  New
@@ -59,11 +60,16 @@ from twisted.internet.interfaces import IListeningPort, IReactorCore
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
+from twisted.web.server import Site
+
 from egressproxy.accesslog import make_access_logger
+from egressproxy.admin import build_admin_site, build_metrics_site
 from egressproxy.addresses import format_host_port
 from egressproxy.config import Config, ConfigError, load_config
+from egressproxy.health import HealthChecker
 from egressproxy.listen import ListenError, listen
 from egressproxy.listener import ListenerRuntime
+from egressproxy.metrics import make_registry
 from egressproxy.modes.tcp import TcpProxyFactory
 from egressproxy.upstream import UpstreamCluster
 
@@ -96,8 +102,8 @@ class EgressService(MultiService):
         self._reload_config = reload_config or (lambda: load_config(self.config.source, os.environ))
         #: Called once a drain requested over HTTP is complete (twistd: reactor.stop).
         self.exit_after_drain: Callable[[], None] | None = None
-        #: Install a SIGHUP handler at start (twistd only; never in tests).
-        self.handle_sighup = False
+        #: Take over SIGTERM, SIGINT and SIGHUP once the reactor runs (twistd only).
+        self.handle_signals = False
         self.clusters = {c.name: self._new_cluster(c) for c in config.clusters}
         self.listeners = {
             l.name: ListenerRuntime(l, self.clusters[l.cluster], reactor, self.access_log) for l in config.listeners
@@ -172,32 +178,55 @@ class EgressService(MultiService):
             self.http_ports[name] = port
             self.log.info("{name} HTTP service listening on {address}", name=name, address=format_bound(port))
 
-    def _http_sites(self) -> dict:  # type: ignore[type-arg]
-        """The HTTP sites to serve; none until the metrics module is wired in."""
-        return {}
+    def _http_sites(self) -> dict[str, Site]:
+        """The metrics and admin sites, sharing one registry (never the global one)."""
+        registry = make_registry(self)
+        return {"metrics": build_metrics_site(self, registry), "admin": build_admin_site(self, registry)}
 
     def startService(self) -> None:
         if not self._bound:
             # startService without privilegedStartService (e.g. in tests).
             self.privilegedStartService()
         self._start_checkers(self.clusters)
-        if self.handle_sighup:
-            signal.signal(signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.reload))
+        if self.handle_signals:
+            self.reactor.callWhenRunning(self._install_signal_handlers)
         super().startService()
 
-    def _start_checkers(self, clusters: dict[str, UpstreamCluster]) -> None:
-        """Start health checks (a no-op until the health module is wired in)."""
+    def _install_signal_handlers(self) -> None:
+        """SIGTERM and SIGINT drain, SIGHUP reloads.
 
-    def _stop_checkers(self, names: list[str]) -> None:
+        The reactor's own SIGTERM/SIGINT handlers (installed as it starts,
+        hence ``callWhenRunning``) stop it at once and make twistd re-raise
+        the signal on exit, so a drained process would not exit 0.  Ours run
+        the drain and then stop the reactor themselves.  Handlers only hand
+        work to the reactor thread.
+        """
+        def on(handler):  # type: ignore[no-untyped-def]
+            return lambda *_: self.reactor.callFromThread(handler)
+
+        signal.signal(signal.SIGTERM, on(self.request_drain))
+        signal.signal(signal.SIGINT, on(self.request_drain))
+        signal.signal(signal.SIGHUP, on(self.reload))
+
+    def _start_checkers(self, clusters: dict[str, UpstreamCluster]) -> None:
+        for name, cluster in clusters.items():
+            checker = HealthChecker(cluster, self.reactor)
+            checker.start()
+            self.checkers[name] = checker
+
+    def _stop_checkers(self, names: list[str]) -> defer.Deferred[None]:
+        """Stop these clusters' checkers; fires once their probe connections are closed."""
+        stopping = []
         for name in names:
             checker = self.checkers.pop(name, None)
             if checker is not None:
-                checker.stop()  # type: ignore[attr-defined]
+                stopping.append(checker.stop())
+        return defer.gatherResults(stopping).addCallback(lambda _: None)
 
     # -- drain and stop -----------------------------------------------------
 
     def request_drain(self) -> None:
-        """Begin the drain (``POST /drain``); the process exits once it is done."""
+        """Begin the drain (SIGTERM, SIGINT, ``POST /drain``); the process exits once it is done."""
         drained = self.drain()
         if self.exit_after_drain is not None:
             exit_ = self.exit_after_drain
@@ -232,7 +261,7 @@ class EgressService(MultiService):
             await self._wait_for_sessions(5.0)
         else:
             self.log.info("drained: no connections left")
-        self._stop_checkers(list(self.checkers))
+        await self._stop_checkers(list(self.checkers))
         stopping = [defer.maybeDeferred(port.stopListening) for port in self.http_ports.values()]
         self.http_ports.clear()
         await defer.gatherResults(stopping)

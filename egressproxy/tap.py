@@ -48,4 +48,9 @@ def makeService(options: Options, reactor=None) -> IService:  # type: ignore[no-
         from twisted.internet import reactor  # noqa: PLC0415
     from egressproxy.service import EgressService
 
-    return EgressService(options.loaded, reactor)
+    service = EgressService(options.loaded, reactor)
+    # Under twistd, a drain (SIGTERM, SIGINT, POST /drain) ends the process
+    # once complete, and SIGHUP reloads the config file.
+    service.exit_after_drain = reactor.stop
+    service.handle_signals = True
+    return service

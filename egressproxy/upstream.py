@@ -45,6 +45,10 @@ class UpstreamConnectFailed(Exception):
         self.detail = detail
 
 
+#: Reasons a connect fails, as metrics label them (see classify_connect_failure).
+CONNECT_FAILURE_REASONS = ("timeout", "refused", "dns", "unreachable", "error")
+
+
 def classify_connect_failure(failure: Failure) -> tuple[str, str]:
     """(metric reason, access-log flag) for a failed connect."""
     if failure.check(defer.TimeoutError, error.TimeoutError):
@@ -82,7 +86,7 @@ class UpstreamCluster:
         self.pinned = pinned
         self.breaker = CircuitBreaker(config.max_connections, config.max_pending)
         self.connections_total = 0
-        self.connect_failures: dict[str, int] = {}
+        self.connect_failures: dict[str, int] = dict.fromkeys(CONNECT_FAILURE_REASONS, 0)
         self.connect_seconds = Histogram()
         self.endpoints: dict[Address, EndpointState] = {a: EndpointState(a) for a in config.endpoints}
         self._next_endpoint = 0

@@ -14,7 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from egressproxy.config import load_config
 from egressproxy.service import EgressService
 from tests.helpers import HalfCloseTransport, LiteralResolver
-from tests.test_service import RecordingReactor
+from tests.test_service import RecordingReactor, without_probes
 
 CONFIG = """\
 listeners:
@@ -49,7 +49,7 @@ class Lifecycle:
 
     def load(self):  # type: ignore[no-untyped-def]
         # The HTTP services are tested elsewhere; here they would bind real ports.
-        return attrs.evolve(load_config(self.path, os.environ), admin=None, metrics=None)
+        return without_probes(attrs.evolve(load_config(self.path, os.environ), admin=None, metrics=None))
 
     def port(self, listener: str):  # type: ignore[no-untyped-def]
         return self.service.ports[listener]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+
+import attrs
 import os
 import socket
 
@@ -13,7 +15,7 @@ from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
 from egressproxy import tap
-from egressproxy.config import Config, parse_config
+from egressproxy.config import Config, HealthCheckConfig, parse_config
 from egressproxy.modes.tcp import TcpProxyFactory
 from egressproxy.service import EgressService
 
@@ -63,9 +65,17 @@ class RecordingReactor(MemoryReactorClock):
         return port
 
 
+def without_probes(config: Config) -> Config:
+    """``config`` with health checks off: they would add dials and timers to these tests."""
+    return attrs.evolve(config, clusters=tuple(
+        attrs.evolve(c, health_check=HealthCheckConfig(kind="none")) for c in config.clusters
+    ))
+
+
 def make_service(text: str = TWO_LISTENERS, reactor: MemoryReactorClock | None = None) -> EgressService:
+    # The HTTP services are covered by test_admin; here they would bind real ports.
     return EgressService(
-        parse_config(text, "t.yaml", {}),
+        without_probes(attrs.evolve(parse_config(text, "t.yaml", {}), admin=None, metrics=None)),
         reactor if reactor is not None else MemoryReactorClock(),
         access_stream=io.StringIO(),
     )
@@ -250,7 +260,7 @@ class MakeServiceTests(SynchronousTestCase):
     def test_service_starts(self) -> None:
         """The service makeService builds binds its listeners when started."""
         options = tap.Options()
-        options.loaded = parse_config(TWO_LISTENERS, "t.yaml", {})
+        options.loaded = without_probes(parse_config(TWO_LISTENERS + "admin: false\nmetrics: false\n", "t.yaml", {}))
         reactor = MemoryReactorClock()
         service = tap.makeService(options, reactor=reactor)
         service.startService()

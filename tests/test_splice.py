@@ -212,7 +212,8 @@ class UpstreamFailureTests(SynchronousTestCase):
         client.connectionLost(Failure(ConnectionDone()))
         [record] = h.records()
         self.assertEqual((record.flags, record.upstream), (("UF",), "db.egress.test:5432"))
-        self.assertEqual(h.cluster.connect_failures, {"refused": 1})
+        self.assertEqual(h.cluster.connect_failures["refused"], 1)
+        self.assertEqual(sum(h.cluster.connect_failures.values()), 1)
         self.assertEqual(h.cluster.breaker.pending, 0)
         self.assertEqual(h.reactor.getDelayedCalls(), [])
 
@@ -301,7 +302,7 @@ class LimitTests(SynchronousTestCase):
         self.assertEqual(len(h.reactor.tcpClients), 1)
         client.connectionLost(Failure(ConnectionDone()))
         self.assertEqual(h.records()[0].flags, ("OM",))
-        self.assertEqual(h.listener.rejected, {"max_connections": 1})
+        self.assertEqual(h.listener.rejected, {"source": 0, "max_connections": 1, "proxy_protocol": 0})
 
     def test_disallowed_source_refused_before_dial(self) -> None:
         """A peer outside allow_sources is closed before any upstream is dialled."""
@@ -311,7 +312,7 @@ class LimitTests(SynchronousTestCase):
         self.assertEqual(h.reactor.tcpClients, [])
         client.connectionLost(Failure(ConnectionDone()))
         self.assertEqual(h.records()[0].flags, ("RBAC",))
-        self.assertEqual(h.listener.rejected, {"source": 1})
+        self.assertEqual(h.listener.rejected, {"source": 1, "max_connections": 0, "proxy_protocol": 0})
 
     def test_ipv4_mapped_source_matches_ipv4_cidr(self) -> None:
         """An IPv4 client on a dual-stack socket is matched against IPv4 CIDRs."""

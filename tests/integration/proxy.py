@@ -20,7 +20,7 @@ from twisted.trial.unittest import SkipTest, TestCase
 
 import attrs
 
-from egressproxy.config import HttpServiceConfig, ListenAddress, parse_config
+from egressproxy.config import HealthCheckConfig, HttpServiceConfig, ListenAddress, parse_config
 from egressproxy.service import EgressService
 
 
@@ -41,6 +41,12 @@ class InProcessProxy:
         # Unless a test asks for them, the HTTP services listen on loopback
         # ephemeral ports, never on the defaults a developer's proxy may hold.
         ephemeral = HttpServiceConfig(ListenAddress("127.0.0.1:0", "127.0.0.1", 0, False, None))
+        # Health probes would add connections to upstreams that tests count;
+        # tests that want them configure them.
+        if "health_check:" not in yaml_text:
+            config = attrs.evolve(config, clusters=tuple(
+                attrs.evolve(c, health_check=HealthCheckConfig(kind="none")) for c in config.clusters
+            ))
         self.config = attrs.evolve(
             config,
             admin=config.admin if "admin:" in yaml_text else ephemeral,

@@ -1,0 +1,299 @@
+"""The metrics and admin HTTP services: routing, resources and their sites.
+
+Two sites share the same small resources:
+
+- the metrics site (``metrics.listen``, exposed to Fly's scraper): GET and HEAD
+  of ``/metrics``, ``/ready`` and ``/healthz``, and nothing else;
+- the admin site (``admin.listen``, loopback by default): the same three plus
+  ``/stats``, ``/clusters``, ``POST /drain`` and ``POST /reload``.
+
+Each site's root is a :class:`Routes` table of exact paths, each with the
+methods it accepts.  Anything else is answered by the root itself: 404 for an
+unknown path (a trailing slash or an extra segment included), 405 with an
+``Allow`` header for a known path and another method.  HEAD is answered as
+GET without the body, here rather than by ``twisted.web``, which logs a line
+whenever it has to drop a body.
+
+The resources are thin adapters over the service: they read its state and
+call ``request_drain()`` and ``reload()``; they own no state and make no
+decisions of their own.  This module does not bind ports; whoever owns the
+service tree listens with the sites built here.  Sites log nothing per
+request: Fly scrapes every few seconds.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+from prometheus_client.core import CollectorRegistry
+from twisted.internet.interfaces import IReactorTime
+from twisted.web.resource import IResource, Resource
+from twisted.web.server import Request, Site
+
+from egressproxy.listener import ListenerRuntime
+from egressproxy.metrics import RELOAD_RESULTS, MetricsResource
+from egressproxy.upstream import UpstreamCluster
+
+GET_HEAD = (b"GET", b"HEAD")
+POST = (b"POST",)
+
+TEXT = b"text/plain; charset=utf-8"
+JSON = b"application/json"
+
+#: path -> (the methods it accepts, the resource answering them)
+RouteTable = Mapping[bytes, tuple[tuple[bytes, ...], IResource]]
+
+
+class AdminTarget(Protocol):
+    """What the HTTP services read from and call on the service (``EgressService``)."""
+
+    reactor: IReactorTime
+    listeners: Mapping[str, ListenerRuntime]
+    clusters: Mapping[str, UpstreamCluster]
+    #: Listeners bound and not draining.
+    ready: bool
+    draining: bool
+    reloads: Mapping[str, int]
+
+    def request_drain(self) -> None:
+        """Start the drain and exit sequence; a second call does nothing."""
+
+    def reload(self) -> tuple[bool, str]:
+        """Re-read the config file: (True, summary) or (False, the error text)."""
+
+
+def respond(request: Request, code: int, body: str, content_type: bytes = TEXT) -> bytes:
+    """Set the status and content type of ``request``; the body to return from ``render``."""
+    request.setResponseCode(code)
+    request.setHeader(b"Content-Type", content_type)
+    return body.encode("utf-8")
+
+
+def _line(text: str) -> str:
+    return text if text.endswith("\n") else text + "\n"
+
+
+class Routes(Resource):
+    """A site's root: exact paths, each with its methods; 404 and 405 for the rest."""
+
+    isLeaf = True
+
+    def __init__(self, routes: RouteTable) -> None:
+        super().__init__()
+        self.routes = dict(routes)
+
+    def render(self, request: Request) -> bytes:
+        """Answer ``request`` (``IResource.render``); HEAD gets GET's headers and no body."""
+        body = self._dispatch(request)
+        if request.method == b"HEAD":
+            request.setHeader(b"Content-Length", b"%d" % (len(body),))
+            return b""
+        return body
+
+    def _dispatch(self, request: Request) -> bytes:
+        path = b"/" + b"/".join(request.postpath)
+        route = self.routes.get(path)
+        if route is None:
+            return respond(request, 404, "not found\n")
+        methods, resource = route
+        if request.method not in methods:
+            request.setHeader(b"Allow", b", ".join(methods))
+            return respond(request, 405, "method not allowed\n")
+        body: bytes = resource.render(request)
+        return body
+
+
+class HealthzResource(Resource):
+    """``/healthz``: 200 ``ok``, which only proves the reactor answers."""
+
+    isLeaf = True
+
+    def render_GET(self, request: Request) -> bytes:
+        return respond(request, 200, "ok\n")
+
+
+class ReadyResource(Resource):
+    """``/ready``: 200 while the service is ready, else 503 ``draining`` or ``starting``."""
+
+    isLeaf = True
+
+    def __init__(self, service: AdminTarget) -> None:
+        super().__init__()
+        self.service = service
+
+    def render_GET(self, request: Request) -> bytes:
+        if self.service.ready:
+            return respond(request, 200, "ready\n")
+        return respond(request, 503, "draining\n" if self.service.draining else "starting\n")
+
+
+def stats_lines(service: AdminTarget) -> list[str]:
+    """Envoy-like ``name: value`` lines for every counter and gauge, sorted by name."""
+    stats: dict[str, int] = {}
+    for name, runtime in service.listeners.items():
+        prefix = f"listener.{name}."
+        stats[prefix + "downstream_cx_total"] = runtime.connections_total
+        stats[prefix + "downstream_cx_active"] = runtime.active
+        for reason, count in runtime.rejected.items():
+            stats[prefix + f"downstream_cx_rejected.{reason}"] = count
+        stats[prefix + "downstream_bytes_received"] = runtime.bytes_received
+        stats[prefix + "downstream_bytes_sent"] = runtime.bytes_sent
+    for name, cluster in service.clusters.items():
+        prefix = f"cluster.{name}."
+        breaker = cluster.breaker
+        stats[prefix + "upstream_cx_active"] = breaker.active
+        stats[prefix + "upstream_cx_total"] = cluster.connections_total
+        for reason, count in cluster.connect_failures.items():
+            stats[prefix + f"upstream_cx_connect_fail.{reason}"] = count
+        stats[prefix + "upstream_cx_overflow"] = breaker.overflows
+        stats[prefix + "upstream_rq_pending_active"] = breaker.pending
+        stats[prefix + "circuit_breaker_open"] = int(breaker.open)
+        for address, state in cluster.endpoints.items():
+            endpoint = f"{prefix}endpoint.{address}."
+            stats[endpoint + "healthy"] = 0 if state.healthy is False else 1
+            stats[endpoint + "cx_active"] = state.active
+            stats[endpoint + "cx_total"] = state.connections_total
+            stats[endpoint + "cx_connect_fail"] = state.connect_failures
+    stats["server.ready"] = int(service.ready)
+    stats["server.draining"] = int(service.draining)
+    for result in RELOAD_RESULTS:
+        stats[f"server.config_reloads.{result}"] = service.reloads.get(result, 0)
+    return [f"{name}: {value}" for name, value in sorted(stats.items())]
+
+
+class StatsResource(Resource):
+    """``/stats``: :func:`stats_lines` as text."""
+
+    isLeaf = True
+
+    def __init__(self, service: AdminTarget) -> None:
+        super().__init__()
+        self.service = service
+
+    def render_GET(self, request: Request) -> bytes:
+        return respond(request, 200, "".join(line + "\n" for line in stats_lines(self.service)))
+
+
+def cluster_status(cluster: UpstreamCluster) -> dict[str, Any]:
+    """One cluster's limits, breaker state, health checking and endpoints, for JSON."""
+    breaker = cluster.breaker
+    health_check = cluster.config.health_check
+    return {
+        "name": cluster.name,
+        "circuit_breaker": {
+            "max_connections": breaker.max_connections,
+            "max_pending": breaker.max_pending,
+            "active": breaker.active,
+            "pending": breaker.pending,
+            "open": breaker.open,
+            "overflows": breaker.overflows,
+        },
+        "connections_total": cluster.connections_total,
+        "connect_failures": dict(sorted(cluster.connect_failures.items())),
+        "health_check": {
+            "kind": health_check.kind,
+            "interval": health_check.interval,
+            "timeout": health_check.timeout,
+        },
+        "endpoints": [
+            {
+                "address": str(address),
+                "healthy": state.healthy,
+                "active": state.active,
+                "connections_total": state.connections_total,
+                "connect_failures": state.connect_failures,
+                "last_error": state.last_error,
+            }
+            for address, state in cluster.endpoints.items()
+        ],
+    }
+
+
+class ClustersResource(Resource):
+    """``/clusters``: every cluster's :func:`cluster_status`, in config order, as JSON."""
+
+    isLeaf = True
+
+    def __init__(self, service: AdminTarget) -> None:
+        super().__init__()
+        self.service = service
+
+    def render_GET(self, request: Request) -> bytes:
+        clusters = [cluster_status(cluster) for cluster in self.service.clusters.values()]
+        return respond(request, 200, json.dumps({"clusters": clusters}, indent=2) + "\n", JSON)
+
+
+class DrainResource(Resource):
+    """``POST /drain``: start draining (as SIGTERM does) and answer 202 at once."""
+
+    isLeaf = True
+
+    def __init__(self, service: AdminTarget) -> None:
+        super().__init__()
+        self.service = service
+
+    def render_POST(self, request: Request) -> bytes:
+        self.service.request_drain()
+        return respond(request, 202, "draining\n")
+
+
+class ReloadResource(Resource):
+    """``POST /reload``: re-read the config (as SIGHUP does); 200 with a summary or 400 with the errors."""
+
+    isLeaf = True
+
+    def __init__(self, service: AdminTarget) -> None:
+        super().__init__()
+        self.service = service
+
+    def render_POST(self, request: Request) -> bytes:
+        ok, text = self.service.reload()
+        return respond(request, 200 if ok else 400, _line(text))
+
+
+class QuietSite(Site):
+    """A Site that logs nothing per request: no access line, no factory start/stop lines.
+
+    ``name`` prefixes the port's own start and stop lines (``metrics http
+    starting on 9091``).
+    """
+
+    noisy = False
+
+    def __init__(self, resource: IResource, name: str, reactor: IReactorTime) -> None:
+        super().__init__(resource, reactor=reactor)
+        self.name = name
+
+    def logPrefix(self) -> str:
+        """The prefix of the listening port's log lines (``Factory.logPrefix``)."""
+        return f"{self.name} http"
+
+    def log(self, request: Request) -> None:
+        """Write no access-log line (``HTTPFactory.log``)."""
+
+
+def _read_only_routes(service: AdminTarget, registry: CollectorRegistry) -> RouteTable:
+    return {
+        b"/metrics": (GET_HEAD, MetricsResource(registry)),
+        b"/ready": (GET_HEAD, ReadyResource(service)),
+        b"/healthz": (GET_HEAD, HealthzResource()),
+    }
+
+
+def build_metrics_site(service: AdminTarget, registry: CollectorRegistry) -> Site:
+    """The metrics service: GET and HEAD of /metrics, /ready and /healthz only."""
+    return QuietSite(Routes(_read_only_routes(service, registry)), "metrics", service.reactor)
+
+
+def build_admin_site(service: AdminTarget, registry: CollectorRegistry) -> Site:
+    """The admin service: the metrics routes plus /stats, /clusters, POST /drain and POST /reload."""
+    routes = {
+        **_read_only_routes(service, registry),
+        b"/stats": (GET_HEAD, StatsResource(service)),
+        b"/clusters": (GET_HEAD, ClustersResource(service)),
+        b"/drain": (POST, DrainResource(service)),
+        b"/reload": (POST, ReloadResource(service)),
+    }
+    return QuietSite(Routes(routes), "admin", service.reactor)

@@ -1,0 +1,175 @@
+"""Prometheus exposition: a collector over the proxy's plain integers, and /metrics.
+
+The data path never touches prometheus_client.  Sessions, listeners and
+clusters keep ordinary integers (and :class:`~egressproxy.histogram.Histogram`
+buckets); :class:`EgressCollector` reads them when Prometheus scrapes and
+builds fresh metric families each time.  A scrape therefore costs work
+proportional to the number of listeners, clusters and endpoints, and nothing
+at all between scrapes.
+
+This module owns the metric names, help texts and labels (the contract in
+DESIGN.md) and the :class:`MetricsResource` that renders a registry.  It does
+not own the HTTP routing (which paths and methods are reachable): that is
+:mod:`egressproxy.admin`.  It never uses the global ``REGISTRY``: the registry
+is made by :func:`make_registry` and passed to whoever serves it.
+
+Label values are listener, cluster and endpoint names and failure reasons,
+all bounded by the config and the code; client addresses never appear.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Protocol
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.core import (
+    CollectorRegistry,
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
+from twisted.web.resource import Resource
+from twisted.web.server import Request
+
+from egressproxy.listener import ListenerRuntime
+from egressproxy.upstream import UpstreamCluster
+
+#: The results ``egressproxy_config_reloads_total`` always reports, 0 included.
+RELOAD_RESULTS = ("success", "error")
+
+
+class MetricsSource(Protocol):
+    """What the collector reads from the service (``EgressService`` provides it)."""
+
+    listeners: Mapping[str, ListenerRuntime]
+    clusters: Mapping[str, UpstreamCluster]
+    reloads: Mapping[str, int]
+
+
+class EgressCollector:
+    """A prometheus_client custom collector reading the service at scrape time.
+
+    Counter families are named without ``_total``: prometheus_client appends
+    it.  Failure and rejection reasons are exported as the owning objects
+    record them; a reason they have not recorded yet has no series.
+    """
+
+    def __init__(self, service: MetricsSource) -> None:
+        self.service = service
+
+    def collect(self) -> Iterator[Metric]:
+        """Yield every egressproxy metric family with its current values."""
+        yield from self._listener_metrics()
+        yield from self._cluster_metrics()
+        reloads = CounterMetricFamily(
+            "egressproxy_config_reloads", "Configuration reloads, by result.", labels=["result"]
+        )
+        for result in RELOAD_RESULTS:
+            reloads.add_metric([result], self.service.reloads.get(result, 0))
+        yield reloads
+
+    def _listener_metrics(self) -> Iterator[Metric]:
+        total = CounterMetricFamily(
+            "egressproxy_downstream_connections",
+            "Downstream connections accepted, including those rejected.",
+            labels=["listener"],
+        )
+        active = GaugeMetricFamily(
+            "egressproxy_downstream_connections_active",
+            "Downstream connections open now.",
+            labels=["listener"],
+        )
+        rejected = CounterMetricFamily(
+            "egressproxy_downstream_rejected",
+            "Downstream connections refused before any upstream was dialled, by reason.",
+            labels=["listener", "reason"],
+        )
+        received = CounterMetricFamily(
+            "egressproxy_bytes_received",
+            "Bytes received from downstream clients, live connections included.",
+            labels=["listener"],
+        )
+        sent = CounterMetricFamily(
+            "egressproxy_bytes_sent",
+            "Bytes sent to downstream clients, live connections included.",
+            labels=["listener"],
+        )
+        for name, runtime in self.service.listeners.items():
+            total.add_metric([name], runtime.connections_total)
+            active.add_metric([name], runtime.active)
+            for reason, count in sorted(runtime.rejected.items()):
+                rejected.add_metric([name, reason], count)
+            received.add_metric([name], runtime.bytes_received)
+            sent.add_metric([name], runtime.bytes_sent)
+        yield from (total, active, rejected, received, sent)
+
+    def _cluster_metrics(self) -> Iterator[Metric]:
+        active = GaugeMetricFamily(
+            "egressproxy_upstream_connections_active",
+            "Established upstream connections open now.",
+            labels=["cluster"],
+        )
+        failures = CounterMetricFamily(
+            "egressproxy_upstream_connect_failures",
+            "Failed upstream connect attempts, by reason (each failover attempt counts).",
+            labels=["cluster", "reason"],
+        )
+        overflows = CounterMetricFamily(
+            "egressproxy_upstream_overflow",
+            "Connections refused by the cluster's circuit breaker.",
+            labels=["cluster"],
+        )
+        connect_seconds = HistogramMetricFamily(
+            "egressproxy_upstream_connect_seconds",
+            "Time to establish an upstream connection, name resolution included.",
+            labels=["cluster"],
+        )
+        healthy = GaugeMetricFamily(
+            "egressproxy_upstream_healthy",
+            "1 if the endpoint passes health checks or has not been checked yet, else 0.",
+            labels=["cluster", "endpoint"],
+        )
+        for name, cluster in self.service.clusters.items():
+            active.add_metric([name], cluster.breaker.active)
+            for reason, count in sorted(cluster.connect_failures.items()):
+                failures.add_metric([name, reason], count)
+            overflows.add_metric([name], cluster.breaker.overflows)
+            histogram = cluster.connect_seconds
+            connect_seconds.add_metric([name], histogram.cumulative(), histogram.sum)
+            for address, state in cluster.endpoints.items():
+                healthy.add_metric([name, str(address)], 0 if state.healthy is False else 1)
+        yield from (active, failures, overflows, connect_seconds, healthy)
+
+
+def make_registry(service: MetricsSource) -> CollectorRegistry:
+    """A new registry holding the egressproxy collector and the process and platform ones."""
+    registry = CollectorRegistry()
+    registry.register(EgressCollector(service))
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    return registry
+
+
+class MetricsResource(Resource):
+    """Renders a registry in the Prometheus text format, in the reactor thread.
+
+    GET only (HEAD falls back to it); which methods reach it is the site's
+    business.  prometheus_client's own ``MetricsResource`` is a WSGI resource
+    on the global reactor's thread pool, which this avoids.
+    """
+
+    isLeaf = True
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        super().__init__()
+        self.registry = registry
+
+    def render_GET(self, request: Request) -> bytes:
+        body = generate_latest(self.registry)
+        request.setResponseCode(200)
+        request.setHeader(b"Content-Type", CONTENT_TYPE_LATEST.encode("ascii"))
+        return body
