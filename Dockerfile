@@ -1,0 +1,50 @@
+# egressproxy: the proxy, its bundled config, and a non-root user; nothing else.
+#
+#   docker build -t egressproxy .
+#   docker run --rm -e PG_HOST=your-db.pg.example.cloud -p 5432:5432 -p 6432:6432 -p 9091:9091 egressproxy
+#
+# On Fly.io, `fly deploy` builds it (see fly.toml and docs/deploy-fly.md).
+# The config is read from /etc/egressproxy/egressproxy.yaml; values such as
+# ${PG_HOST} come from the environment (Fly secrets), so one image serves any
+# database. To ship a different file, replace it at that path (for example
+# with a [[files]] entry in fly.toml).
+
+# -- build: install the project and its dependencies into a virtualenv ------
+FROM python:3.12-slim AS build
+
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN python -m venv /opt/venv
+
+# Only what `pip install .` needs (.dockerignore keeps out the rest).
+WORKDIR /src
+COPY pyproject.toml setup.cfg setup.py README.md ./
+COPY egressproxy/ egressproxy/
+COPY twisted/ twisted/
+RUN /opt/venv/bin/pip install --no-cache-dir .
+
+# -- run ----------------------------------------------------------------------
+FROM python:3.12-slim
+
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    EGRESSPROXY_CONFIG=/etc/egressproxy/egressproxy.yaml
+
+COPY --from=build /opt/venv /opt/venv
+
+# Build Twisted's plugin cache (twisted/plugins/dropin.cache) now, as root.
+# Otherwise twistd tries to write it at every start, and the unprivileged user
+# cannot.
+RUN python -c "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))"
+
+COPY egressproxy.example.yaml /etc/egressproxy/egressproxy.yaml
+
+RUN useradd --system --no-create-home --shell /usr/sbin/nologin egressproxy
+USER egressproxy
+
+# Listeners (direct, pooled) and the metrics service. Admin (9901) stays on
+# loopback inside the container.
+EXPOSE 5432 6432 9091
+
+# Foreground, logs and access log to stdout, no pidfile (the user cannot write
+# one, and the container needs none). SIGTERM drains, SIGHUP reloads.
+CMD ["twistd", "-n", "--pidfile=", "egressproxy", "--config", "/etc/egressproxy/egressproxy.yaml"]
