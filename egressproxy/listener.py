@@ -38,6 +38,9 @@ class ListenerRuntime:
         self.reactor = reactor
         self.access_log = access_log
         self.sessions: set[Session] = set()
+        #: Connections not admitted yet: waiting for their PROXY header.  A
+        #: drain waits for them and an abort reaches them like the others.
+        self.awaiting: set[Session] = set()
         self.connections_total = 0
         # Known reasons start at zero, so their series exist before the first event.
         self.rejected: dict[str, int] = dict.fromkeys(REJECT_REASONS, 0)
@@ -61,6 +64,12 @@ class ListenerRuntime:
 
     def _reject(self, reason: str) -> None:
         self.rejected[reason] = self.rejected.get(reason, 0) + 1
+
+    def count_unadmitted(self, reason: str | None) -> None:
+        """Count a connection that ended before admission (``admit`` counts the others)."""
+        self.connections_total += 1
+        if reason is not None:
+            self._reject(reason)
 
     @property
     def active(self) -> int:

@@ -126,7 +126,9 @@ class EgressService(MultiService):
         return self._bound and not self.draining
 
     def live_sessions(self) -> int:
-        return sum(r.active for r in self.listeners.values()) + sum(r.active for r in self.retired)
+        """Live connections, admitted or still awaiting a PROXY header."""
+        runtimes = list(self.listeners.values()) + self.retired
+        return sum(r.active + len(r.awaiting) for r in runtimes)
 
     def _new_cluster(self, config) -> UpstreamCluster:  # type: ignore[no-untyped-def]
         # Pins are looked up in the current config, so a reload's hosts: apply.
@@ -281,7 +283,7 @@ class EgressService(MultiService):
     def abort_sessions(self, flag: str | None = None) -> None:
         """Drop every live connection now, marking each with ``flag`` if given."""
         for runtime in list(self.listeners.values()) + self.retired:
-            for session in list(runtime.sessions):
+            for session in list(runtime.sessions) + list(runtime.awaiting):
                 if flag:
                     session.flag(flag)
                 session.abort()
@@ -374,9 +376,9 @@ class EgressService(MultiService):
         for name in removed:
             runtime = self.listeners.pop(name)
             self.ports.pop(name).stopListening()
-            if runtime.sessions:
+            if runtime.sessions or runtime.awaiting:
                 self.retired.append(runtime)
-        self.retired = [r for r in self.retired if r.sessions]
+        self.retired = [r for r in self.retired if r.sessions or r.awaiting]
         self._start_checkers({n: self.clusters[n] for n in list(fresh) + changed_clusters})
         if (new.admin, new.metrics) != (old.admin, old.metrics):
             self.log.warn("admin and metrics addresses changed: that takes a restart")

@@ -152,7 +152,7 @@ class Session:
         if self._header is not None:
             # Gone before its PROXY header: never admitted, but still a connection.
             self._stop_reading_header()
-            self._count_unadmitted(None)
+            self.listener.count_unadmitted(None)
         if reason.check(ConnectionLost) and not reason.check(ConnectionAborted) and self._ending_abruptly():
             # A reset, not a FIN; our own aborts (idle, linger) carry their own flag.
             self.flag("DC" if leg is down else "UC")
@@ -201,6 +201,7 @@ class Session:
     def _await_proxy_header(self, leg: DownstreamLeg) -> None:
         """Read the header before admission; the leg keeps reading meanwhile (splice note 6)."""
         self._header = HeaderParser()
+        self.listener.awaiting.add(self)
         self._header_timer = self.reactor.callLater(
             HEADER_TIMEOUT, self._refuse_proxy_header, f"no complete PROXY header within {HEADER_TIMEOUT:g}s"
         )
@@ -235,23 +236,17 @@ class Session:
 
     def _stop_reading_header(self) -> None:
         self._header = None
+        self.listener.awaiting.discard(self)
         if self._header_timer is not None and self._header_timer.active():
             self._header_timer.cancel()
         self._header_timer = None
-
-    def _count_unadmitted(self, reason: str | None) -> None:
-        """Count a connection that ended before admission (which counts the others)."""
-        listener = self.listener
-        listener.connections_total += 1
-        if reason is not None:
-            listener.rejected[reason] = listener.rejected.get(reason, 0) + 1
 
     def _refuse_proxy_header(self, why: str) -> None:
         """No valid header (bad bytes, EOF, timeout): close without dialling, flag DPE."""
         if self._header is None:
             return
         self._stop_reading_header()
-        self._count_unadmitted("proxy_protocol")
+        self.listener.count_unadmitted("proxy_protocol")
         self.flag("DPE")
         self.listener.log.warn(
             "{listener}: refused {peer}: {reason}",

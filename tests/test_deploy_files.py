@@ -2,7 +2,7 @@
 
 The reference deployment is four files written against one config: the image
 ships ``egressproxy.example.yaml``, ``fly.toml`` publishes its listeners and
-scrapes its metrics service, and ``docs/deploy-fly.md`` tells an operator what
+scrapes its metrics service, and the README's deploy guide tells an operator what
 to type. Nothing here can run Fly or Docker, so these tests hold the files to
 the config instead: every port, path and timing that appears in two places
 must agree. Docker is not needed; the Dockerfile is read as text.
@@ -28,7 +28,15 @@ BUNDLED_CONFIG = os.path.join(ROOT, "egressproxy.example.yaml")
 FLY_TOML = os.path.join(ROOT, "fly.toml")
 DOCKERFILE = os.path.join(ROOT, "Dockerfile")
 DOCKERIGNORE = os.path.join(ROOT, ".dockerignore")
-DEPLOY_DOC = os.path.join(ROOT, "docs", "deploy-fly.md")
+README = os.path.join(ROOT, "README.md")
+
+
+def deploy_guide() -> str:
+    """The README's "Deploy on Fly.io" section, up to the next top-level heading."""
+    text = read(README)
+    start = text.index("## Deploy on Fly.io")
+    end = text.find("\n## ", start + 1)
+    return text[start:] if end < 0 else text[start:end]
 SETUP_CFG = os.path.join(ROOT, "setup.cfg")
 
 #: The environment the bundled config is read against (Fly secrets in production).
@@ -336,10 +344,10 @@ class DockerfileTests(SynchronousTestCase):
 
 
 class DeployDocTests(SynchronousTestCase):
-    """docs/deploy-fly.md uses the names and ports that fly.toml and the config define."""
+    """The README's deploy guide uses the names and ports that fly.toml and the config define."""
 
     def setUp(self) -> None:
-        self.doc = read(DEPLOY_DOC)
+        self.doc = deploy_guide()
         self.fly = fly_toml()
 
     def test_commands_name_the_fly_toml_app(self) -> None:
