@@ -51,7 +51,7 @@ class AdminTarget(Protocol):
 
     reactor: IReactorTime
     listeners: Mapping[str, ListenerRuntime]
-    clusters: Mapping[str, UpstreamCluster]
+    def all_clusters(self) -> Mapping[str, UpstreamCluster]: ...
     #: Listeners bound and not draining.
     ready: bool
     draining: bool
@@ -140,7 +140,7 @@ def stats_lines(service: AdminTarget) -> list[str]:
             stats[prefix + f"downstream_cx_rejected.{reason}"] = count
         stats[prefix + "downstream_bytes_received"] = runtime.bytes_received
         stats[prefix + "downstream_bytes_sent"] = runtime.bytes_sent
-    for name, cluster in service.clusters.items():
+    for name, cluster in service.all_clusters().items():
         prefix = f"cluster.{name}."
         breaker = cluster.breaker
         stats[prefix + "upstream_cx_active"] = breaker.active
@@ -221,7 +221,7 @@ class ClustersResource(Resource):
         self.service = service
 
     def render_GET(self, request: Request) -> bytes:
-        clusters = [cluster_status(cluster) for cluster in self.service.clusters.values()]
+        clusters = [cluster_status(cluster) for cluster in self.service.all_clusters().values()]
         return respond(request, 200, json.dumps({"clusters": clusters}, indent=2) + "\n", JSON)
 
 

@@ -569,7 +569,9 @@ class ClusterConfig:
 
     name: str = attrs.field(validator=_check_name)
     endpoints: tuple[Address, ...] = attrs.field(
-        validator=_tuple_of(Address, non_empty=True)
+        # Empty only for the dynamic clusters the service makes (the loader
+        # requires at least one endpoint in a file).
+        validator=_tuple_of(Address, non_empty=False)
     )
     connect_timeout: float = attrs.field(
         default=5.0, validator=_check_positive_seconds
@@ -603,7 +605,9 @@ class ListenerConfig:
         validator=attrs.validators.instance_of(ListenAddress)
     )
     mode: str = attrs.field(validator=attrs.validators.in_(("tcp",)))
-    cluster: str = attrs.field(validator=_check_name)
+    #: None for modes that choose destinations themselves (forward proxies,
+    #: routed Postgres): their limits come from a per-listener dynamic cluster.
+    cluster: str | None = attrs.field(default=None, validator=attrs.validators.optional(_check_name))
     log_prefix: str = attrs.field(
         default=attrs.Factory(_default_log_prefix, takes_self=True),
         validator=_check_log_prefix,
@@ -694,7 +698,7 @@ class Config:
                 raise ValueError(f"{kind} names are not unique: {names}")
         clusters = {cluster.name for cluster in self.clusters}
         for listener in self.listeners:
-            if listener.cluster not in clusters:
+            if listener.cluster is not None and listener.cluster not in clusters:
                 raise ValueError(
                     f"listener {listener.name!r} names unknown cluster "
                     f"{listener.cluster!r}"

@@ -9,15 +9,19 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IAddress, IReactorTime
+from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
 from egressproxy.accesslog import AccessRecord
 from egressproxy.addresses import peer_ip, source_allowed
 from egressproxy.config import ListenerConfig
+from egressproxy.modes import front_class
+from egressproxy.splice import DownstreamLeg
 from egressproxy.upstream import UpstreamCluster
 
 if TYPE_CHECKING:
+    from egressproxy.modes.base import Front
     from egressproxy.session import Session
 
 
@@ -46,6 +50,10 @@ class ListenerRuntime:
         self.rejected: dict[str, int] = dict.fromkeys(REJECT_REASONS, 0)
         self.finished_bytes_received = 0
         self.finished_bytes_sent = 0
+
+    def make_front(self, session: Session) -> Front:
+        """The front for a new session, by this listener's current mode."""
+        return front_class(self.config.mode)(session)
 
     def admit(self, session: Session) -> str | None:
         """Count a new connection; the refusal flag if it may not proceed, else None.
@@ -88,3 +96,17 @@ class ListenerRuntime:
         self.finished_bytes_received += session.bytes_received
         self.finished_bytes_sent += session.bytes_sent
         self.access_log.info("{record}", record=record)
+
+
+class ListenerFactory(Factory):
+    """Builds one session and its client leg per accepted connection, whatever the mode."""
+
+    noisy = False
+
+    def __init__(self, listener: ListenerRuntime) -> None:
+        self.listener = listener
+
+    def buildProtocol(self, addr: IAddress) -> DownstreamLeg:
+        from egressproxy.session import Session
+
+        return DownstreamLeg(Session(self.listener, addr))

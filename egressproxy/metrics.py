@@ -46,7 +46,7 @@ class MetricsSource(Protocol):
     """What the collector reads from the service (``EgressService`` provides it)."""
 
     listeners: Mapping[str, ListenerRuntime]
-    clusters: Mapping[str, UpstreamCluster]
+    def all_clusters(self) -> Mapping[str, UpstreamCluster]: ...
     reloads: Mapping[str, int]
 
 
@@ -133,7 +133,7 @@ class EgressCollector:
             "1 if the endpoint passes health checks or has not been checked yet, else 0.",
             labels=["cluster", "endpoint"],
         )
-        for name, cluster in self.service.clusters.items():
+        for name, cluster in self.service.all_clusters().items():
             active.add_metric([name], cluster.breaker.active)
             for reason, count in sorted(cluster.connect_failures.items()):
                 failures.add_metric([name, reason], count)

@@ -65,12 +65,11 @@ from twisted.web.server import Site
 from egressproxy.accesslog import make_access_logger
 from egressproxy.admin import build_admin_site, build_metrics_site
 from egressproxy.addresses import format_host_port
-from egressproxy.config import Config, ConfigError, load_config
+from egressproxy.config import ClusterConfig, Config, ConfigError, HealthCheckConfig, ListenerConfig, load_config
 from egressproxy.health import HealthChecker
 from egressproxy.listen import ListenError, listen
-from egressproxy.listener import ListenerRuntime
+from egressproxy.listener import ListenerFactory, ListenerRuntime
 from egressproxy.metrics import make_registry
-from egressproxy.modes.tcp import TcpProxyFactory
 from egressproxy.upstream import UpstreamCluster
 
 
@@ -105,8 +104,11 @@ class EgressService(MultiService):
         #: Take over SIGTERM, SIGINT and SIGHUP once the reactor runs (twistd only).
         self.handle_signals = False
         self.clusters = {c.name: self._new_cluster(c) for c in config.clusters}
+        #: Per listener without a ``cluster``: the limits for the destinations it picks.
+        self.dynamic: dict[str, UpstreamCluster] = {}
         self.listeners = {
-            l.name: ListenerRuntime(l, self.clusters[l.cluster], reactor, self.access_log) for l in config.listeners
+            l.name: ListenerRuntime(l, self._cluster_for(l, self.clusters), reactor, self.access_log)
+            for l in config.listeners
         }
         #: Listeners removed by a reload whose connections are still live.
         self.retired: list[ListenerRuntime] = []
@@ -130,9 +132,27 @@ class EgressService(MultiService):
         runtimes = list(self.listeners.values()) + self.retired
         return sum(r.active + len(r.awaiting) for r in runtimes)
 
-    def _new_cluster(self, config) -> UpstreamCluster:  # type: ignore[no-untyped-def]
+    def all_clusters(self) -> dict[str, UpstreamCluster]:
+        """Configured and dynamic clusters, by the name metrics and admin show."""
+        return {**self.clusters, **{c.name: c for c in self.dynamic.values()}}
+
+    def _new_cluster(self, config, label: str | None = None) -> UpstreamCluster:  # type: ignore[no-untyped-def]
         # Pins are looked up in the current config, so a reload's hosts: apply.
-        return UpstreamCluster(config, self.reactor, lambda host: self.config.pinned_address(host))
+        return UpstreamCluster(config, self.reactor, lambda host: self.config.pinned_address(host), label)
+
+    def _cluster_for(self, listener: ListenerConfig, clusters: dict[str, UpstreamCluster]) -> UpstreamCluster:
+        """The listener's cluster, or its dynamic one (default limits, ``NAME.dynamic`` in metrics).
+
+        A dynamic cluster has no endpoints of its own: its front dials the
+        destinations it chose, under the cluster's breaker and timeouts,
+        which therefore apply per listener.
+        """
+        if listener.cluster is not None:
+            return clusters[listener.cluster]
+        if listener.name not in self.dynamic:
+            config = ClusterConfig(name=listener.name, endpoints=(), health_check=HealthCheckConfig(kind="none"))
+            self.dynamic[listener.name] = self._new_cluster(config, f"{listener.name}.dynamic")
+        return self.dynamic[listener.name]
 
     # -- start --------------------------------------------------------------
 
@@ -155,7 +175,7 @@ class EgressService(MultiService):
 
     def _bind_listener(self, runtime: ListenerRuntime) -> IListeningPort:
         try:
-            port = listen(self.reactor, runtime.config.listen, TcpProxyFactory(runtime))
+            port = listen(self.reactor, runtime.config.listen, ListenerFactory(runtime))
         except ListenError as e:
             raise ListenError(f"listener {runtime.config.name!r}: {e}") from None
         self.log.info(
@@ -335,11 +355,12 @@ class EgressService(MultiService):
         try:
             for name in added:
                 runtimes[name] = ListenerRuntime(
-                    new_listeners[name], cluster_of[new_listeners[name].cluster], self.reactor, self.access_log
+                    new_listeners[name], self._cluster_for(new_listeners[name], cluster_of), self.reactor,
+                    self.access_log,
                 )
                 bound[name] = self._bind_listener(runtimes[name])
             for name in rebound:
-                factory = TcpProxyFactory(self.listeners[name])
+                factory = ListenerFactory(self.listeners[name])
                 try:
                     bound[name] = listen(self.reactor, new_listeners[name].listen, factory)
                 except ListenError as e:
@@ -364,7 +385,7 @@ class EgressService(MultiService):
         for name in kept:
             runtime = self.listeners[name]
             runtime.config = new_listeners[name]
-            runtime.cluster = self.clusters[new_listeners[name].cluster]
+            runtime.cluster = self._cluster_for(new_listeners[name], self.clusters)
             runtime.access_log = self.access_log
         for name in rebound:
             old_port = self.ports.pop(name)
@@ -374,6 +395,7 @@ class EgressService(MultiService):
             self.listeners[name] = runtimes[name]
             self.ports[name] = bound[name]
         for name in removed:
+            self.dynamic.pop(name, None)
             runtime = self.listeners.pop(name)
             self.ports.pop(name).stopListening()
             if runtime.sessions or runtime.awaiting:

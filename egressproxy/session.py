@@ -26,7 +26,7 @@ from egressproxy.config import Address
 from egressproxy.proxyprotocol import HEADER_TIMEOUT, HeaderParser, InvalidProxyHeader
 from egressproxy.sockopts import tune_tcp
 from egressproxy.splice import LINGER, DownstreamLeg, Leg, UpstreamLeg, join
-from egressproxy.upstream import UpstreamConnectFailed, UpstreamDial
+from egressproxy.upstream import UpstreamCluster, UpstreamConnectFailed, UpstreamDial
 
 if TYPE_CHECKING:
     from egressproxy.listener import ListenerRuntime
@@ -55,6 +55,8 @@ class Session:
         #: Set while the PROXY header is awaited; None before and after.
         self._header: HeaderParser | None = None
         self._header_timer: IDelayedCall | None = None
+        #: The listener's mode: the conversation before the splice.
+        self.front = listener.make_front(self)
 
     # -- outcome -----------------------------------------------------------
 
@@ -104,24 +106,42 @@ class Session:
         refusal = self.listener.admit(self)
         if refusal is not None:
             self.flag(refusal)
-            leg.close()
+            reason = "source address not allowed" if refusal == "RBAC" else "too many connections"
+            self.front.refuse(refusal, reason)
             return
-        leg.transport.pauseProducing()
-        self.connect_upstream()
+        self.front.start()
 
-    def connect_upstream(self) -> None:
-        """Dial the listener's cluster, unless its circuit breaker is open."""
+    def connect_upstream(self, cluster: UpstreamCluster, endpoints: list[Address] | None = None) -> None:
+        """Dial ``cluster`` (its own endpoints, or ``endpoints``), unless its breaker is open.
+
+        The front hears the outcome: ``upstream_connected`` or ``upstream_failed``.
+        """
         up = UpstreamLeg(self)
         # Kept for the release: a reload may give the listener another cluster.
-        self.cluster = cluster = self.listener.cluster
-        dial = cluster.dial(up, self._attempting)
+        self.cluster = cluster
+        dial = cluster.dial(up, self._attempting, endpoints)
         if dial is None:
             self.flag("UO")
-            self.down.close()  # type: ignore[union-attr]
+            self.front.upstream_failed("UO", "too many connections (circuit breaker open)")
             return
         self.up = up
         self._dial = dial
         dial.deferred.addCallbacks(self._upstream_connected, self._upstream_failed)
+
+    def splice(self) -> None:
+        """Join the two legs: from here on bytes flow untouched until the end."""
+        join(self.down, self.up)  # type: ignore[arg-type]
+        self._start_idle_timer()
+
+    def write_downstream(self, data: bytes) -> None:
+        """Answer the client during a handshake (counted as bytes sent)."""
+        self.bytes_sent += len(data)
+        self.down.transport.write(data)  # type: ignore[union-attr]
+
+    def close_downstream(self) -> None:
+        """Close the client's connection gracefully (flushing any answer)."""
+        if self.down is not None:
+            self.down.close()
 
     def _attempting(self, address: Address) -> None:
         self.upstream_address = address
@@ -129,14 +149,15 @@ class Session:
 
     def _upstream_connected(self, up: UpstreamLeg) -> None:
         self._dial = None
-        join(self.down, up)  # type: ignore[arg-type]
-        self._start_idle_timer()
+        self.front.upstream_connected(up)
 
     def _upstream_failed(self, failure: Failure) -> None:
         self._dial = None
         self.up = None
         error = failure.check(UpstreamConnectFailed)
-        self.flag(failure.value.flag if error else "UF")
+        flag = failure.value.flag if error else "UF"
+        reason = failure.value.reason if error else "error"
+        self.flag(flag)
         self.listener.log.info(
             "{listener}: upstream {upstream} failed for {peer}: {reason}",
             listener=self.listener.config.name,
@@ -144,7 +165,7 @@ class Session:
             peer=format_peer(self.peer_address),
             reason=failure.getErrorMessage(),
         )
-        self.down.close()  # type: ignore[union-attr]
+        self.front.upstream_failed(flag, reason)
 
     def leg_lost(self, leg: Leg, reason: Failure) -> None:
         """One leg's connection is gone: close the other, finish when both are."""

@@ -79,9 +79,15 @@ class UpstreamCluster:
     """Runtime state of one configured cluster."""
 
     def __init__(
-        self, config: ClusterConfig, reactor: IReactorTime, pinned: Callable[[str], str | None]
+        self,
+        config: ClusterConfig,
+        reactor: IReactorTime,
+        pinned: Callable[[str], str | None],
+        label: str | None = None,
     ) -> None:
         self.config = config
+        #: The name metrics and admin show: the cluster's, or e.g. ``direct.dynamic``.
+        self.label = label or config.name
         self.reactor = reactor
         self.pinned = pinned
         self.breaker = CircuitBreaker(config.max_connections, config.max_pending)
@@ -124,7 +130,7 @@ class UpstreamCluster:
 
     @property
     def name(self) -> str:
-        return self.config.name
+        return self.label
 
     def _unhealthy(self, address: Address) -> bool:
         state = self.endpoints.get(address)
@@ -146,13 +152,20 @@ class UpstreamCluster:
         self._next_endpoint = start + 1
         return endpoints[start:] + endpoints[:start]
 
-    def dial(self, protocol: Protocol, on_attempt: Callable[[Address], None]) -> UpstreamDial | None:
-        """Start connecting ``protocol`` to this cluster; None when the breaker is open."""
+    def dial(
+        self, protocol: Protocol, on_attempt: Callable[[Address], None], endpoints: list[Address] | None = None
+    ) -> UpstreamDial | None:
+        """Start connecting ``protocol``; None when the breaker is open.
+
+        ``endpoints`` overrides the cluster's own (a destination a front
+        chose: a routed server name, a CONNECT target); the cluster's
+        limits, timeouts and counters still apply.
+        """
         if not self.breaker.try_acquire_pending():
             return None
-        if self.panicking():
+        if endpoints is None and self.panicking():
             self.panic_total += 1
-        attempt = UpstreamDial(self, protocol, on_attempt)
+        attempt = UpstreamDial(self, protocol, on_attempt, endpoints)
         attempt.start()
         return attempt
 
@@ -181,12 +194,18 @@ class UpstreamDial:
     :class:`UpstreamConnectFailed`; after :meth:`cancel` it never fires.
     """
 
-    def __init__(self, cluster: UpstreamCluster, protocol: Protocol, on_attempt: Callable[[Address], None]) -> None:
+    def __init__(
+        self,
+        cluster: UpstreamCluster,
+        protocol: Protocol,
+        on_attempt: Callable[[Address], None],
+        endpoints: list[Address] | None = None,
+    ) -> None:
         self.cluster = cluster
         self.protocol = protocol
         self.on_attempt = on_attempt
         self.deferred: defer.Deferred[IProtocol] = defer.Deferred()
-        self._order = cluster.endpoint_order()
+        self._order = endpoints if endpoints else cluster.endpoint_order()
         self._attempts_left = cluster.config.max_connect_attempts
         self._tried = 0
         self._attempt: defer.Deferred[IProtocol] | None = None

@@ -14,8 +14,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import Logger
 
 from egressproxy.config import Address, ClusterConfig, Keepalive, ListenAddress, ListenerConfig
-from egressproxy.listener import ListenerRuntime
-from egressproxy.modes.tcp import TcpProxyFactory
+from egressproxy.listener import ListenerFactory, ListenerRuntime
 from egressproxy.upstream import UpstreamCluster
 
 
@@ -91,7 +90,7 @@ class Harness:
         self.listener = ListenerRuntime(
             listener or listener_config(), self.cluster, self.reactor, Logger(observer=self.events.append)
         )
-        self.factory = TcpProxyFactory(self.listener)
+        self.factory = ListenerFactory(self.listener)
 
     def connect_client(self, peer: IPv4Address | IPv6Address | None = None):  # type: ignore[no-untyped-def]
         """Accept a client; returns (client leg, its transport)."""

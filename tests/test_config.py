@@ -1448,9 +1448,9 @@ class ObjectTests(SynchronousTestCase):
         """An address host must be a DNS name or IP literal."""
         self.assertRaises(ValueError, Address, "bad host", 1)
 
-    def test_cluster_needs_endpoints(self) -> None:
-        """A cluster without endpoints cannot exist."""
-        self.assertRaises(ValueError, ClusterConfig, name="db", endpoints=())
+    def test_cluster_without_endpoints_only_in_code(self) -> None:
+        """A cluster object may have no endpoints (the service's dynamic ones), but a file may not."""
+        self.assertEqual(ClusterConfig(name="db", endpoints=()).endpoints, ())
 
     def test_cluster_needs_tuple(self) -> None:
         """A cluster refuses a list of endpoints."""

@@ -77,6 +77,9 @@ class FakeService:
         self.reload_calls += 1
         return self.reload_result
 
+    def all_clusters(self) -> dict[str, UpstreamCluster]:
+        return self.clusters
+
 
 def connect(cluster: UpstreamCluster, address: Address, seconds: float) -> None:
     """One upstream connect through the breaker, as a dial does it."""

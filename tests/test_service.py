@@ -16,7 +16,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from egressproxy import tap
 from egressproxy.config import Config, HealthCheckConfig, parse_config
-from egressproxy.modes.tcp import TcpProxyFactory
+from egressproxy.listener import ListenerFactory
 from egressproxy.service import EgressService
 
 TWO_LISTENERS = """\
@@ -104,12 +104,12 @@ class StartTests(SynchronousTestCase):
         )
 
     def test_factories_are_tcp_proxy_factories(self) -> None:
-        """Each adopted port serves a TcpProxyFactory for its own listener runtime."""
+        """Each adopted port serves a ListenerFactory for its own listener runtime."""
         reactor = MemoryReactorClock()
         service = make_service(reactor=reactor)
         service.privilegedStartService()
         factories = [factory for _fd, _family, factory in reactor.adoptedPorts]
-        self.assertEqual([type(f) for f in factories], [TcpProxyFactory, TcpProxyFactory])
+        self.assertEqual([type(f) for f in factories], [ListenerFactory, ListenerFactory])
         self.assertEqual([f.listener for f in factories], [service.listeners["all"], service.listeners["local"]])
 
     def test_ports_recorded_by_name(self) -> None:

@@ -1,1 +1,17 @@
-"""Front protocols, one module per listener ``mode``."""
+"""Front protocols, one module per listener ``mode`` (see ``base.py``)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from egressproxy.modes.base import Front
+
+
+def front_class(mode: str) -> type[Front]:
+    """The front for a listener mode (imported on first use)."""
+    if mode == "tcp":
+        from egressproxy.modes.base import Front
+
+        return Front
+    raise ValueError(f"no front for mode {mode!r}")
