@@ -53,7 +53,13 @@ __all__ = [
     "Address",
     "ClusterConfig",
     "Config",
+    "ClientTLS",
+    "ClusterTLS",
     "ConfigError",
+    "DestinationRule",
+    "MODES",
+    "PostgresRoute",
+    "User",
     "DEFAULT_ADMIN",
     "DEFAULT_METRICS",
     "HealthCheckConfig",
@@ -564,6 +570,19 @@ class HealthCheckConfig:
 
 
 @attrs.frozen
+class ClusterTLS:
+    """TLS the proxy originates to a cluster (Postgres ``tls: originate`` listeners).
+
+    Verification is never optional: the chain against ``ca_file`` (default:
+    the system trust store) and the name against ``server_name`` (default:
+    each endpoint's host).
+    """
+
+    server_name: str | None = attrs.field(default=None)
+    ca_file: str | None = attrs.field(default=None)
+
+
+@attrs.frozen
 class ClusterConfig:
     """One named group of upstream endpoints and the limits for reaching them."""
 
@@ -590,6 +609,58 @@ class ClusterConfig:
         default=HealthCheckConfig(),
         validator=attrs.validators.instance_of(HealthCheckConfig),
     )
+    tls: ClusterTLS | None = attrs.field(
+        default=None, validator=attrs.validators.optional(attrs.validators.instance_of(ClusterTLS))
+    )
+
+
+@attrs.frozen
+class PostgresRoute:
+    """Route Postgres connections by the TLS server name (SNI) the client sends.
+
+    ``sni`` is an exact name or ``*.suffix`` (one or more labels before the
+    suffix).  Exactly one target: ``cluster`` (a configured cluster) or
+    ``upstream``, a ``HOST:PORT`` template in which ``{sni}`` stands for the
+    name the client sent (``"{sni}:5432"``).  Names that match no route are
+    never dialled.
+    """
+
+    sni: str
+    cluster: str | None = None
+    upstream: str | None = None
+
+
+@attrs.frozen
+class ClientTLS:
+    """The certificate a ``tls: originate`` listener shows clients that ask for TLS."""
+
+    cert: str
+    key: str
+
+
+@attrs.frozen
+class DestinationRule:
+    """One ``allow_destinations`` entry of a forward-proxy listener.
+
+    ``host`` is an exact name or ``*.suffix``; ``network`` a CIDR for IP
+    literals (exactly one of the two); ``port`` None means any port (``:*``).
+    """
+
+    host: str | None = None
+    network: IPNetwork | None = None
+    port: int | None = None
+
+
+@attrs.frozen
+class User:
+    """A forward-proxy credential; the password never appears in a repr or a log."""
+
+    name: str
+    password: str = attrs.field(repr=False)
+
+
+#: Listener modes.
+MODES = ("tcp", "postgres", "http_connect", "socks5")
 
 
 def _default_log_prefix(listener: ListenerConfig) -> str:
@@ -604,7 +675,7 @@ class ListenerConfig:
     listen: ListenAddress = attrs.field(
         validator=attrs.validators.instance_of(ListenAddress)
     )
-    mode: str = attrs.field(validator=attrs.validators.in_(("tcp",)))
+    mode: str = attrs.field(validator=attrs.validators.in_(MODES))
     #: None for modes that choose destinations themselves (forward proxies,
     #: routed Postgres): their limits come from a per-listener dynamic cluster.
     cluster: str | None = attrs.field(default=None, validator=attrs.validators.optional(_check_name))
@@ -620,6 +691,20 @@ class ListenerConfig:
     )
     max_connections: int = attrs.field(default=10000, validator=_check_positive_int)
     proxy_protocol: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
+    # -- mode: postgres ---------------------------------------------------
+    #: ``passthrough`` (TLS end to end, routing by SNI) or ``originate``.
+    tls: str = attrs.field(default="passthrough", validator=attrs.validators.in_(("passthrough", "originate")))
+    #: Refuse plaintext startups (with a Postgres ErrorResponse).
+    require_tls: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
+    routes: tuple[PostgresRoute, ...] = attrs.field(default=(), validator=_tuple_of(PostgresRoute, non_empty=False))
+    client_tls: ClientTLS | None = attrs.field(
+        default=None, validator=attrs.validators.optional(attrs.validators.instance_of(ClientTLS))
+    )
+    # -- modes: http_connect, socks5 ----------------------------------------
+    allow_destinations: tuple[DestinationRule, ...] = attrs.field(
+        default=(), validator=_tuple_of(DestinationRule, non_empty=False)
+    )
+    users: tuple[User, ...] = attrs.field(default=(), validator=_tuple_of(User, non_empty=False))
 
 
 @attrs.frozen
