@@ -11,7 +11,8 @@ from __future__ import annotations
 import io
 import os
 import shutil
-from typing import Callable, Mapping
+import functools
+from typing import Any, Callable, Coroutine, Mapping
 
 from twisted.internet import defer, reactor
 from twisted.internet.task import deferLater
@@ -22,6 +23,16 @@ import attrs
 
 from egressproxy.config import HealthCheckConfig, HttpServiceConfig, ListenAddress, parse_config
 from egressproxy.service import EgressService
+
+
+def inline(f: Callable[..., Coroutine[Any, Any, Any]]) -> Callable[..., defer.Deferred[Any]]:
+    """Run an ``async def`` test method as a Deferred, which trial waits on."""
+
+    @functools.wraps(f)
+    def run(*args: Any, **kwargs: Any) -> defer.Deferred[Any]:
+        return defer.ensureDeferred(f(*args, **kwargs))
+
+    return run
 
 
 async def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, step: float = 0.02) -> None:

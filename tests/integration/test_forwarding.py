@@ -6,7 +6,7 @@ import os
 import socket
 import sys
 import tempfile
-from typing import Any, Callable, Coroutine
+from typing import Any
 
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, connectProtocol
@@ -14,20 +14,9 @@ from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.trial.unittest import SkipTest, TestCase
 from zope.interface import implementer
 
-from tests.integration.proxy import InProcessProxy, run_process, wait_until
+from tests.integration.proxy import InProcessProxy, inline, run_process, wait_until
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def inline(f: Callable[..., Coroutine[Any, Any, Any]]) -> Callable[..., defer.Deferred[Any]]:
-    """Run an ``async def`` test method as a Deferred, which trial waits on."""
-
-    def run(*args: Any, **kwargs: Any) -> defer.Deferred[Any]:
-        return defer.ensureDeferred(f(*args, **kwargs))
-
-    run.__name__ = f.__name__
-    run.__doc__ = f.__doc__
-    return run
 
 
 @implementer(IHalfCloseableProtocol)
@@ -83,6 +72,17 @@ class Flood(protocol.Protocol):
     def _again(self) -> None:
         if not self.paused and self.transport.connected:
             self.resumeProducing()
+
+
+def flood_factory(floods: list[Flood]) -> protocol.Factory:
+    """A server factory whose Flood protocols are appended to ``floods``."""
+
+    class Factory(protocol.Factory):
+        def buildProtocol(self, addr: object) -> Flood:
+            floods.append(Flood())
+            return floods[-1]
+
+    return Factory()
 
 
 @implementer(IHalfCloseableProtocol)
@@ -154,13 +154,7 @@ clusters:
     async def test_backpressure_bounds_proxy_buffer(self) -> None:
         """A client that stops reading makes the proxy stop reading its upstream, buffering little."""
         floods: list[Flood] = []
-
-        class Factory(protocol.Factory):
-            def buildProtocol(self, addr: object) -> Flood:
-                floods.append(Flood())
-                return floods[-1]
-
-        proxy = self.proxy(self.upstream(Factory()))
+        proxy = self.proxy(self.upstream(flood_factory(floods)))
         client = await self.connect(proxy.port("direct"))
         client.transport.pauseProducing()  # the client stops reading
         await wait_until(lambda: bool(floods) and floods[0].paused, timeout=20)
@@ -183,13 +177,7 @@ clusters:
     async def test_forced_close_while_paused(self) -> None:
         """A client reset while its leg is paused by backpressure ends the session and the upstream."""
         floods: list[Flood] = []
-
-        class Factory(protocol.Factory):
-            def buildProtocol(self, addr: object) -> Flood:
-                floods.append(Flood())
-                return floods[-1]
-
-        proxy = self.proxy(self.upstream(Factory()))
+        proxy = self.proxy(self.upstream(flood_factory(floods)))
         client = await self.connect(proxy.port("direct"))
         client.transport.pauseProducing()
         await wait_until(lambda: bool(floods) and floods[0].paused, timeout=20)

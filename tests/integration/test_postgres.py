@@ -17,12 +17,11 @@ Each test reads the access log the proxy writes, in Envoy's TCP shape::
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import re
 import socket
 import struct
-from typing import Any, Awaitable, Callable, NamedTuple
+from typing import NamedTuple
 
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
@@ -31,7 +30,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, TestCase
 
 from tests.integration.pgserver import PostgresServer, shared_server
-from tests.integration.proxy import InProcessProxy, require_tool, run_process, wait_until
+from tests.integration.proxy import InProcessProxy, inline, require_tool, run_process, wait_until
 
 SSL_IN_USE = "select ssl from pg_stat_ssl where pid = pg_backend_pid()"
 
@@ -75,14 +74,8 @@ def parse_access(line: str) -> AccessLine:
     )
 
 
-def deferred_test(f: Callable[..., Awaitable[Any]]) -> Callable[..., defer.Deferred[Any]]:
-    """Run an ``async def`` test method as a Deferred, which trial waits on."""
-
-    @functools.wraps(f)
-    def wrapper(*args: Any, **kwargs: Any) -> defer.Deferred[Any]:
-        return defer.ensureDeferred(f(*args, **kwargs))
-
-    return wrapper
+#: The shared coroutine-test decorator, under this module's older name.
+deferred_test = inline
 
 
 def proxy_config(listeners: str, clusters: str, hosts: str = "db.egress.test: 127.0.0.1") -> str:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import ipaddress
 import struct
-from typing import Any, Callable, Coroutine
 
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
@@ -17,20 +16,9 @@ from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 
-from tests.integration.proxy import InProcessProxy
+from tests.integration.proxy import InProcessProxy, inline
 
 SIGNATURE = b"\x0d\x0a\x0d\x0a\x00\x0d\x0a\x51\x55\x49\x54\x0a"
-
-
-def inline(f: Callable[..., Coroutine[Any, Any, Any]]) -> Callable[..., defer.Deferred[Any]]:
-    """Run an ``async def`` test method as a Deferred, which trial waits on."""
-
-    def run(*args: Any, **kwargs: Any) -> defer.Deferred[Any]:
-        return defer.ensureDeferred(f(*args, **kwargs))
-
-    run.__name__ = f.__name__
-    run.__doc__ = f.__doc__
-    return run
 
 
 def v1(source: str, sport: int, dport: int) -> bytes:
