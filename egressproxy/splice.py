@@ -67,6 +67,7 @@ from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from egressproxy.fastwrite import direct_writer
 from egressproxy.sockopts import tune_tcp
 
 if TYPE_CHECKING:
@@ -202,7 +203,7 @@ def join(down: DownstreamLeg, up: UpstreamLeg) -> None:
             transport.write(chunk)
         leg.pending = []
         leg.pending_size = 0
-        leg.forward = transport.write
+        leg.forward = direct_writer(transport)
     if down.read_closed:
         # The client already sent EOF: it reads no more input from us
         # beyond what the upstream replies, so shut upstream's write side.
