@@ -7,7 +7,8 @@ cluster; listeners and the admin and metrics services, written or defaulted, do
 not claim the same address) and the wording of every error. Its only door is
 :func:`load_config` (or :func:`parse_config` for text already in hand); both
 are pure apart from reading the file (and the certificate an ``ssl:`` listen
-description names), and both report every problem at once in a single
+description names) and checking that the certificate, key and CA files the
+TLS keys name exist, and both report every problem at once in a single
 :class:`ConfigError`, each line shaped ``FILE:LINE: key.path: message``.
 
 It does not own what the values mean at run time: it does not resolve names,
@@ -16,21 +17,24 @@ endpoints (the listener and cluster modules do that from these objects). It does
 not read ``os.environ`` itself; callers pass the mapping in, so tests and
 reloads decide which environment a file is read against.
 
-Supported from the design's operations keys: ``admin``, ``metrics``,
-``drain_timeout`` and ``shutdown_delay`` at the top level, ``proxy_protocol``
-on listeners and ``health_check`` on clusters. Not supported in this version:
-the ``postgres``, ``http_connect`` and ``socks5`` listener modes and their keys
-(``require_tls``, ``routes``, ``allow_destinations``, ``users``), and ``tls``;
-the modes are refused by ``mode`` and the keys are rejected as unknown keys, so
-a file written for a later version fails loudly instead of half working. YAML
-merge keys (``<<``) are not supported either. Interpolation applies to string
-values only, never to keys.
+Every key of the design's configuration is supported: the four listener
+modes (``tcp``, ``postgres``, ``http_connect``, ``socks5``) with their keys
+(``tls``, ``require_tls``, ``routes`` and ``client_tls`` for postgres;
+``allow_destinations`` and ``users`` for the forward proxies), ``tls`` on
+clusters, and the operations keys (``admin``, ``metrics``, ``drain_timeout``,
+``shutdown_delay``, ``proxy_protocol``, ``health_check``). A key of one mode on
+a listener of another is an error, not ignored, and the forward proxies need
+``allow_destinations``: none is ever open to every destination. Passwords are
+never quoted in a message. Relative file paths are taken from the working
+directory. Not supported: YAML merge keys (``<<``). Interpolation applies to
+string values only, never to keys.
 """
 
 from __future__ import annotations
 
 import difflib
 import math
+import os
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from ipaddress import (
@@ -109,6 +113,22 @@ _DURATION_HINT = (
     "(a plain number means seconds)"
 )
 _ENDPOINT_HINT = "expected HOST:PORT (e.g. db.example.com:5432 or [2001:db8::1]:5432)"
+_SNI_HINT = (
+    "expected a server name such as db.example.com, or *.SUFFIX such as "
+    "*.pg.example.cloud ('*' only as the whole first label)"
+)
+_UPSTREAM_HINT = (
+    "expected a HOST:PORT template in which {sni} stands for the server name the "
+    "client sent (e.g. '{sni}:5432' or 'db.internal:5432')"
+)
+#: What ``{sni}`` is replaced with to check an upstream template.
+_SAMPLE_SNI = "x.example.test"
+_DESTINATION_HINT = (
+    "expected HOST:PORT, *.SUFFIX:PORT, IP:PORT, CIDR:PORT, [IPV6]:PORT or "
+    "[IPV6 CIDR]:PORT, where PORT is a number or * for any port (e.g. "
+    "api.vendor.com:443, *.bank.example:443, 10.1.2.0/24:443, "
+    "[2001:db8::/32]:443, 203.0.113.7:*)"
+)
 _LISTEN_HINT = (
     "expected IP:PORT, [IPV6]:PORT, :PORT for all interfaces "
     "(e.g. :5432, [::]:5432, 127.0.0.1:5432) or a Twisted endpoint description "
@@ -249,6 +269,146 @@ def _parse_endpoint(text: str) -> Address:
     port = _port(port_text, 1, "after the host")
     literal = _ip_literal(host)
     return Address(host=str(literal) if literal is not None else host, port=port)
+
+
+def _parse_name_pattern(text: str, what: str, hint: str) -> str:
+    """Parse an exact DNS name or ``*.suffix`` into its lower-case form.
+
+    ``what`` says what a lone ``*`` would match (``every server name``); the
+    suffix of a wildcard needs two labels or more, so ``*.com`` is refused as
+    too broad. IP literals are the caller's business.
+    """
+    name = text.lower()
+    if name == "*":
+        raise ValueError(
+            f"'*' would match {what} and make this an open proxy; name the "
+            f"hosts, or a *.SUFFIX such as *.example.com"
+        )
+    if name.startswith("*."):
+        suffix = name[2:]
+        if "*" in suffix:
+            raise ValueError(f"{hint}, got {text!r}")
+        problem = _hostname_problem(suffix)
+        if problem:
+            raise ValueError(problem)
+        if "." not in suffix:
+            raise ValueError(
+                f"{text!r} is too broad: the suffix after '*.' needs at least two "
+                f"labels (e.g. *.example.com)"
+            )
+        return name
+    if "*" in name:
+        raise ValueError(f"{hint}, got {text!r}")
+    problem = _hostname_problem(name)
+    if problem:
+        raise ValueError(problem)
+    return name
+
+
+def _parse_upstream_template(text: str) -> str:
+    """Check a route's ``upstream``: a ``HOST:PORT`` in which ``{sni}`` may stand.
+
+    ``{sni}`` is the only placeholder. The template is tried with a sample name
+    in its place and must then be an endpoint :func:`_parse_endpoint` accepts;
+    the template itself is returned unchanged.
+    """
+    for match in re.finditer(r"\{[^{}]*\}", text):
+        if match.group(0) != "{sni}":
+            raise ValueError(
+                f"unknown placeholder {match.group(0)!r} in {text!r}; {{sni}} (the "
+                f"server name the client sent) is the only one"
+            )
+    if "{" in text.replace("{sni}", "") or "}" in text.replace("{sni}", ""):
+        raise ValueError(
+            f"unmatched brace in {text!r}; {{sni}} (the server name the client "
+            f"sent) is the only placeholder"
+        )
+    if ":" not in text:
+        raise ValueError(f"{_UPSTREAM_HINT}, got {text!r}")
+    sample = text.replace("{sni}", _SAMPLE_SNI)
+    try:
+        _parse_endpoint(sample)
+    except ValueError as e:
+        if sample != text and _SAMPLE_SNI in str(e):
+            raise ValueError(
+                f"{e} (from {text!r} with {{sni}} = {_SAMPLE_SNI})"
+            ) from None
+        raise
+    return text
+
+
+def _destination_port(text: str) -> int | None:
+    """A destination's port: a number, or ``*`` (None) for any port."""
+    if text == "*":
+        return None
+    return _port(text, 1, "or * for any port")
+
+
+def _destination_network(text: str) -> IPNetwork:
+    """A CIDR or a bare IP address (a /32 or /128) for a destination rule."""
+    try:
+        network = ip_network(text)
+    except ValueError:
+        try:
+            network = ip_network(text, strict=False)
+        except ValueError:
+            raise ValueError(f"{_DESTINATION_HINT}, got {text!r}") from None
+        raise ValueError(
+            f"{text!r} has host bits set; did you mean '{network}'?"
+        ) from None
+    if network.prefixlen == 0:
+        raise ValueError(
+            f"'{network}' would allow every IPv{network.version} address and make "
+            f"this an open proxy; list the networks clients may reach"
+        )
+    return network
+
+
+def _parse_destination(text: str) -> DestinationRule:
+    """Parse one ``allow_destinations`` entry into a :class:`DestinationRule`.
+
+    Accepted: ``host:port``, ``*.suffix:port``, ``ip:port``, ``cidr:port``,
+    ``[v6]:port`` and ``[v6 cidr]:port``, each port a number or ``*``. Names
+    are lower-cased; an IP literal becomes a one-address network.
+    """
+    if text.startswith("["):
+        inner, sep, port_text = text[1:].partition("]:")
+        if not sep or "[" in inner or "]" in inner:
+            raise ValueError(f"{_DESTINATION_HINT}, got {text!r}")
+        if ":" not in inner:
+            raise ValueError(
+                f"only IPv6 addresses and networks go in brackets, got {inner!r} "
+                f"in {text!r}"
+            )
+        port = _destination_port(port_text)
+        return DestinationRule(network=_destination_network(inner), port=port)
+    host, sep, port_text = text.rpartition(":")
+    if ":" in host:
+        for candidate, fix in ((host, f"[{host}]:{port_text}"), (text, f"[{text}]:PORT")):
+            try:
+                network = ip_network(candidate, strict=False)
+            except ValueError:
+                continue
+            if network.version == 6:
+                raise ValueError(
+                    f"an IPv6 address needs brackets: write {fix}, got {text!r}"
+                )
+        raise ValueError(f"{_DESTINATION_HINT}, got {text!r}")
+    if not sep:
+        if not text:
+            raise ValueError(f"{_DESTINATION_HINT}, got ''")
+        if text == "*":
+            _parse_name_pattern(text, "every host name", _DESTINATION_HINT)
+        raise ValueError(
+            f"{text!r} has no port; write {text}:PORT, or {text}:* for any port"
+        )
+    if not host:
+        raise ValueError(f"{_DESTINATION_HINT}, got {text!r}")
+    port = _destination_port(port_text)
+    if "/" in host or _ip_literal(host) is not None:
+        return DestinationRule(network=_destination_network(host), port=port)
+    name = _parse_name_pattern(host, "every host name", _DESTINATION_HINT)
+    return DestinationRule(host=name, port=port)
 
 
 def _parse_listen(text: str) -> ListenAddress:
@@ -748,7 +908,7 @@ class Config:
 
     Besides the field checks, construction verifies the cross-object rules that
     other modules rely on without re-checking: names are unique and every
-    listener's cluster exists.
+    cluster a listener or one of its routes names exists.
     """
 
     source: str = attrs.field(validator=attrs.validators.instance_of(str))
@@ -788,6 +948,12 @@ class Config:
                     f"listener {listener.name!r} names unknown cluster "
                     f"{listener.cluster!r}"
                 )
+            for route in listener.routes:
+                if route.cluster is not None and route.cluster not in clusters:
+                    raise ValueError(
+                        f"listener {listener.name!r} routes {route.sni!r} to unknown "
+                        f"cluster {route.cluster!r}"
+                    )
 
     def cluster(self, name: str) -> ClusterConfig:
         """The cluster called ``name``; ``KeyError`` if there is none."""
@@ -889,7 +1055,30 @@ _LISTENER_KEYS = (
     "allow_sources",
     "max_connections",
     "proxy_protocol",
+    "tls",
+    "require_tls",
+    "routes",
+    "client_tls",
+    "allow_destinations",
+    "users",
 )
+#: Listener keys that belong to some modes only, with the modes and how the
+#: error names them.
+_MODE_KEYS = (
+    (("tls", "require_tls", "routes", "client_tls"), ("postgres",), "postgres"),
+    (
+        ("allow_destinations", "users"),
+        ("http_connect", "socks5"),
+        "http_connect or socks5",
+    ),
+)
+_LISTENER_TLS = ("passthrough", "originate")
+_ROUTE_KEYS = ("sni", "cluster", "upstream")
+_CLIENT_TLS_KEYS = ("cert", "key")
+_USER_KEYS = ("name", "password")
+#: SOCKS5 username/password authentication (RFC 1929) carries each in at most
+#: 255 bytes.
+_SOCKS5_MAX_CREDENTIAL = 255
 _CLUSTER_KEYS = (
     "name",
     "endpoints",
@@ -900,7 +1089,9 @@ _CLUSTER_KEYS = (
     "max_pending",
     "keepalive",
     "health_check",
+    "tls",
 )
+_CLUSTER_TLS_KEYS = ("server_name", "ca_file")
 _KEEPALIVE_KEYS = ("idle", "interval", "count")
 _HEALTH_CHECK_KEYS = (
     "kind",
@@ -914,6 +1105,25 @@ _ACCESS_LOG_KEYS = ("format",)
 _HTTP_SERVICE_KEYS = ("listen",)
 #: The HTTP services by top-level key, with the address each has when not told.
 _HTTP_SERVICE_DEFAULTS = {"admin": DEFAULT_ADMIN, "metrics": DEFAULT_METRICS}
+
+
+class _Fields(dict[str, yaml.Node]):
+    """The known keys of one mapping, each with its value node.
+
+    ``key_nodes`` holds each key's own node, for errors about a key being there
+    at all; ``suggested`` holds the known keys that an unknown key was taken
+    for a misspelling of, so a rule that requires one of them stays quiet (the
+    suggestion already says what to fix).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.key_nodes: dict[str, yaml.Node] = {}
+        self.suggested: set[str] = set()
+
+    def has(self, key: str) -> bool:
+        """Whether ``key`` is written, or an unknown key was taken for it."""
+        return key in self or key in self.suggested
 
 
 @attrs.define
@@ -964,7 +1174,7 @@ class _Builder:
         path: Path,
         allowed: Sequence[str],
         required: Sequence[str] = (),
-    ) -> dict[str, yaml.Node]:
+    ) -> _Fields:
         """Read a mapping with a fixed set of keys; report unknown and missing ones."""
         if not isinstance(node, yaml.MappingNode):
             got = self._got(node)
@@ -972,21 +1182,21 @@ class _Builder:
                 node, path, f"expected a mapping with keys {', '.join(allowed)}, got {got}"
             )
         fields = self.entries(node, path)
-        suggested: set[str] = set()
-        result: dict[str, yaml.Node] = {}
+        result = _Fields()
         for key, (key_node, value_node) in fields.items():
             if key in allowed:
                 result[key] = value_node
+                result.key_nodes[key] = key_node
                 continue
             close = difflib.get_close_matches(key, allowed, n=1)
             if close:
-                suggested.add(close[0])
+                result.suggested.add(close[0])
                 hint = f"; did you mean {close[0]!r}?"
             else:
                 hint = f" (expected one of: {', '.join(allowed)})"
             self.report(key_node, path, f"unknown key {key!r}{hint}")
         for key in required:
-            if key not in result and key not in suggested:
+            if not result.has(key):
                 self.report(node, path, f"missing required key {key!r}")
         return result
 
@@ -1030,20 +1240,29 @@ class _Builder:
             problem = getattr(e, "problem", None) or str(e)
             self.fail(node, path, f"cannot read this value: {problem}")
 
-    def scalar(self, node: yaml.Node, path: Path, expected: str) -> object:
-        """A scalar's value with ``${...}`` expanded in strings."""
+    def scalar(
+        self, node: yaml.Node, path: Path, expected: str, *, secret: bool = False
+    ) -> object:
+        """A scalar's value with ``${...}`` expanded in strings.
+
+        With ``secret``, interpolation errors do not quote the text.
+        """
         if not isinstance(node, yaml.ScalarNode):
             self.fail(node, path, f"expected {expected}, got {_kind(node)}")
         value = self.construct(node, path)
         if isinstance(value, str):
-            value = self.interpolate(value, node, path)
+            value = self.interpolate(value, node, path, secret=secret)
         return value
 
-    def interpolate(self, text: str, node: yaml.Node, path: Path) -> str:
+    def interpolate(
+        self, text: str, node: yaml.Node, path: Path, *, secret: bool = False
+    ) -> str:
         """Expand ``${VAR}``, ``${VAR:-default}`` and ``$$``; report unset variables.
 
         A ``$`` followed by anything else is kept as written, so passwords with
-        a dollar sign survive; ``${`` without its ``}`` is an error.
+        a dollar sign survive; ``${`` without its ``}`` is an error. With
+        ``secret`` (passwords) the errors name variables but never quote the
+        text around them.
         """
         problems: list[str] = []
 
@@ -1052,8 +1271,9 @@ class _Builder:
             if token == "$$":
                 return "$"
             if match.group("open"):
+                where = "the value" if secret else repr(text)
                 problems.append(
-                    f"unterminated '${{' in {text!r}; write $$ for a literal $"
+                    f"unterminated '${{' in {where}; write $$ for a literal $"
                 )
                 return token
             body = match.group("body")
@@ -1061,8 +1281,9 @@ class _Builder:
                 return token
             var = _VAR_RE.match(body)
             if not var:
+                reference = "in the value" if secret else repr(token)
                 problems.append(
-                    f"invalid reference {token!r}: expected ${{NAME}} or "
+                    f"invalid reference {reference}: expected ${{NAME}} or "
                     f"${{NAME:-default}} (NAME is letters, digits and _); "
                     f"write $$ for a literal $"
                 )
@@ -1237,19 +1458,21 @@ class _Builder:
 
     def _build_listener(self, node: yaml.Node, path: Path) -> ListenerConfig | None:
         try:
-            fields = self.mapping(
-                node, path, _LISTENER_KEYS, ("name", "listen", "cluster")
-            )
+            fields = self.mapping(node, path, _LISTENER_KEYS, ("name", "listen"))
         except _Invalid:
             return None
-        read = _FieldReader(self, fields, path, ("name", "listen", "cluster"))
+        read = _FieldReader(self, fields, path, ("name", "listen"))
         name = read("name", self.name)
         if name is not None:
             self.listener_names.append(_Named(name, fields["name"], path + ("name",)))
         listen = read("listen", self._listen)
         if listen is not None:
             self.listens.append((listen, fields["listen"], path + ("listen",)))
-        mode = read("mode", self._mode, "tcp")
+        # None when the mode written is wrong: the rules tied to a mode are
+        # then skipped, and every key's value is still checked.
+        mode = read("mode", self._mode) if "mode" in fields else "tcp"
+        if not self._check_mode_keys(fields, path, mode):
+            read.ok = False
         cluster = read("cluster", self.name)
         if cluster is not None:
             self.cluster_refs.append(
@@ -1261,13 +1484,122 @@ class _Builder:
         allow_sources = read("allow_sources", self._allow_sources)
         max_connections = read("max_connections", self.positive, 10000)
         proxy_protocol = read("proxy_protocol", self.boolean, False)
+        tls = read("tls", self._listener_tls) if "tls" in fields else "passthrough"
+        require_tls = read("require_tls", self.boolean, False)
+        routes = read("routes", self._routes, ())
+        client_tls = read("client_tls", self._client_tls)
+        allow_destinations = read("allow_destinations", self._allow_destinations, ())
+        users = read("users", lambda n, p: self._users(n, p, mode), ())
+        if mode == "tcp":
+            if not fields.has("cluster"):
+                self.report(node, path, "missing required key 'cluster'")
+                read.ok = False
+        elif mode == "postgres":
+            if not self._check_postgres(node, path, fields, tls, require_tls):
+                read.ok = False
+        elif mode is not None and not fields.has("allow_destinations"):
+            self.report(
+                node, path,
+                f"missing required key 'allow_destinations' ({mode} listeners dial "
+                f"only the destinations listed there and are never open proxies; "
+                f"e.g. allow_destinations: [\"api.vendor.com:443\"])",
+            )
+            read.ok = False
         if not read.ok:
             return None
         return self._construct(
             node, path, ListenerConfig, name=name, listen=listen, mode=mode,
             cluster=cluster, log_prefix=log_prefix, allow_sources=allow_sources,
             max_connections=max_connections, proxy_protocol=proxy_protocol,
+            tls=tls, require_tls=require_tls, routes=routes, client_tls=client_tls,
+            allow_destinations=allow_destinations, users=users,
         )
+
+    def _check_mode_keys(self, fields: _Fields, path: Path, mode: str | None) -> bool:
+        """Report keys that belong to other modes and drop them from ``fields``.
+
+        Their values are not read: the key is wrong wherever its value is.
+        Returns False if any was reported.
+        """
+        if mode is None:
+            return True
+        ok = True
+        default = "" if "mode" in fields else ", the default"
+        for keys, modes, wanted in _MODE_KEYS:
+            if mode in modes:
+                continue
+            for key in keys:
+                if key not in fields:
+                    continue
+                self.report(
+                    fields.key_nodes[key], path + (key,),
+                    f"only for mode: {wanted}; this listener has mode: {mode}{default}",
+                )
+                del fields[key]
+                ok = False
+        return ok
+
+    def _check_postgres(
+        self,
+        node: yaml.Node,
+        path: Path,
+        fields: _Fields,
+        tls: str | None,
+        require_tls: bool | None,
+    ) -> bool:
+        """The rules tying a postgres listener's cluster, routes and TLS keys.
+
+        Checked on which keys are written, so a bad value elsewhere does not
+        hide them; ``tls`` is None when its value was wrong, and the rules
+        that depend on it are then skipped. Returns False if any was broken.
+        """
+        before = len(self.errors)
+        if tls == "originate":
+            if "routes" in fields:
+                self.report(
+                    fields.key_nodes["routes"], path + ("routes",),
+                    "not allowed with tls: originate: routes choose by the TLS "
+                    "server name (SNI), and clients of a tls: originate listener "
+                    "speak plaintext to the proxy, so it sees none; name one "
+                    "cluster instead, or use tls: passthrough to route by SNI",
+                )
+            elif not fields.has("cluster"):
+                self.report(
+                    node, path,
+                    "missing required key 'cluster' (a tls: originate listener "
+                    "opens TLS to one cluster)",
+                )
+            if require_tls is True and not fields.has("client_tls"):
+                self.report(
+                    fields.key_nodes["require_tls"], path + ("require_tls",),
+                    "with tls: originate, require_tls needs client_tls (the "
+                    "certificate the proxy shows clients that ask for TLS); "
+                    "without it every client would be refused",
+                )
+        else:
+            if "cluster" in fields and "routes" in fields:
+                self.report(
+                    fields.key_nodes["routes"], path + ("routes",),
+                    "give cluster or routes, not both (cluster sends every "
+                    "connection to one cluster; routes choose by the TLS server "
+                    "name, SNI)",
+                )
+            elif not fields.has("cluster") and not fields.has("routes"):
+                self.report(
+                    node, path,
+                    "missing required key 'cluster' or 'routes' (a postgres "
+                    "listener sends every connection to one cluster, or chooses "
+                    "by the TLS server name, SNI, with routes)",
+                )
+        if tls == "passthrough" and "client_tls" in fields:
+            default = "" if "tls" in fields else ", the default"
+            self.report(
+                fields.key_nodes["client_tls"], path + ("client_tls",),
+                f"only with tls: originate (with passthrough the client's TLS goes "
+                f"through to the server and the proxy shows no certificate); this "
+                f"listener has tls: passthrough{default}",
+            )
+        return len(self.errors) == before
 
     def _build_cluster(self, node: yaml.Node, path: Path) -> ClusterConfig | None:
         try:
@@ -1286,6 +1618,7 @@ class _Builder:
         max_pending = read("max_pending", self.positive, 128)
         keepalive = read("keepalive", self._keepalive, Keepalive())
         health_check = read("health_check", self._health_check, HealthCheckConfig())
+        tls = read("tls", self._cluster_tls)
         if not read.ok:
             return None
         return self._construct(
@@ -1293,7 +1626,7 @@ class _Builder:
             connect_timeout=connect_timeout,
             max_connect_attempts=max_connect_attempts, idle_timeout=idle_timeout,
             max_connections=max_connections, max_pending=max_pending,
-            keepalive=keepalive, health_check=health_check,
+            keepalive=keepalive, health_check=health_check, tls=tls,
         )
 
     def _listen(self, node: yaml.Node, path: Path) -> ListenAddress:
@@ -1311,13 +1644,10 @@ class _Builder:
             self.fail(node, path, str(e))
 
     def _mode(self, node: yaml.Node, path: Path) -> str:
-        value = self.scalar(node, path, "tcp")
-        if value != "tcp":
-            self.fail(
-                node, path,
-                f"expected tcp, got {_show(value)} (the postgres, http_connect and "
-                f"socks5 modes are not available in this version)",
-            )
+        expected = "tcp, postgres, http_connect or socks5"
+        value = self.scalar(node, path, expected)
+        if value not in MODES:
+            self.fail(node, path, f"expected {expected}, got {_show(value)}")
         return value
 
     def _log_prefix(self, node: yaml.Node, path: Path) -> str:
@@ -1369,6 +1699,316 @@ class _Builder:
             node, path,
             f"{value!r} has host bits set; did you mean '{network}'?",
         )
+
+    # -- postgres listeners -------------------------------------------------
+
+    def _listener_tls(self, node: yaml.Node, path: Path) -> str:
+        value = self.scalar(node, path, "passthrough or originate")
+        if value not in _LISTENER_TLS:
+            self.fail(
+                node, path,
+                f"expected passthrough (the client's TLS goes through to the server) "
+                f"or originate (the proxy opens TLS to the cluster), got {_show(value)}",
+            )
+        return value
+
+    def _routes(self, node: yaml.Node, path: Path) -> tuple[PostgresRoute, ...]:
+        items = self.sequence(
+            node, path, "routes ({sni: NAME, cluster: NAME} or {sni: NAME, upstream: HOST:PORT})"
+        )
+        if not items:
+            self.fail(
+                node, path,
+                "an empty list would refuse every connection; give at least one "
+                "route, or use cluster instead",
+            )
+        routes: list[PostgresRoute] = []
+        first: dict[str, _Named] = {}
+        failed = False
+        for index, item in enumerate(items):
+            try:
+                route, sni_node = self._route(item, path + (index,))
+            except _Invalid:
+                failed = True
+                continue
+            sni_path = path + (index, "sni")
+            if route.sni in first:
+                earlier = first[route.sni]
+                self.report(
+                    sni_node, sni_path,
+                    f"duplicate route for {route.sni!r} (first at "
+                    f"{_render_path(earlier.path)}, line {_line(earlier.node)})",
+                )
+                failed = True
+                continue
+            first[route.sni] = _Named(route.sni, sni_node, sni_path)
+            routes.append(route)
+        if failed:
+            raise _Invalid()
+        return tuple(routes)
+
+    def _route(self, node: yaml.Node, path: Path) -> tuple[PostgresRoute, yaml.Node]:
+        """One route and the node of its ``sni``, for the duplicate check."""
+        fields = self.mapping(node, path, _ROUTE_KEYS, ("sni",))
+        read = _FieldReader(self, fields, path, ("sni",))
+        sni = read("sni", self._sni)
+        cluster = read("cluster", self.name)
+        if cluster is not None:
+            self.cluster_refs.append(
+                _Named(cluster, fields["cluster"], path + ("cluster",))
+            )
+        upstream = read("upstream", self._upstream)
+        if "cluster" in fields and "upstream" in fields:
+            self.report(
+                fields.key_nodes["upstream"], path + ("upstream",),
+                "give cluster or upstream, not both (cluster sends to a configured "
+                "cluster; upstream dials a HOST:PORT made from the server name)",
+            )
+            read.ok = False
+        elif not fields.has("cluster") and not fields.has("upstream"):
+            self.report(
+                node, path,
+                "missing required key 'cluster' or 'upstream' (a route sends to a "
+                "configured cluster, or to a HOST:PORT template such as "
+                "'{sni}:5432')",
+            )
+            read.ok = False
+        if not read.ok:
+            raise _Invalid()
+        route = self._construct(
+            node, path, PostgresRoute, sni=sni, cluster=cluster, upstream=upstream
+        )
+        if route is None:
+            raise _Invalid()
+        return route, fields["sni"]
+
+    def _sni(self, node: yaml.Node, path: Path) -> str:
+        value = self.text(node, path, "a server name")
+        if _ip_literal(value) is not None:
+            self.fail(
+                node, path,
+                f"clients send a TLS server name (SNI) only for host names, never "
+                f"for an IP address; {_SNI_HINT}, got {value!r}",
+            )
+        try:
+            return _parse_name_pattern(value, "every server name", _SNI_HINT)
+        except ValueError as e:
+            self.fail(node, path, str(e))
+
+    def _upstream(self, node: yaml.Node, path: Path) -> str:
+        value = self.scalar(node, path, "HOST:PORT")
+        if not isinstance(value, str):
+            self.fail(node, path, f"{_UPSTREAM_HINT}, got {_show(value)}")
+        try:
+            return _parse_upstream_template(value)
+        except ValueError as e:
+            self.fail(node, path, str(e))
+
+    def _client_tls(self, node: yaml.Node, path: Path) -> ClientTLS:
+        fields = self.mapping(node, path, _CLIENT_TLS_KEYS, _CLIENT_TLS_KEYS)
+        read = _FieldReader(self, fields, path, _CLIENT_TLS_KEYS)
+        cert = read("cert", self._file)
+        key = read("key", self._file)
+        if not read.ok:
+            raise _Invalid()
+        result = self._construct(node, path, ClientTLS, cert=cert, key=key)
+        if result is None:
+            raise _Invalid()
+        return result
+
+    def _file(self, node: yaml.Node, path: Path) -> str:
+        """The path of an existing file (relative paths: to the working directory)."""
+        value = self.text(node, path, "a file path")
+        if not value:
+            self.fail(node, path, "expected a file path, got ''")
+        if os.path.isdir(value):
+            self.fail(node, path, f"{value!r} is a directory, not a file")
+        if not os.path.isfile(value):
+            self.fail(node, path, f"no such file: {value!r}")
+        return value
+
+    def _optional_file(self, node: yaml.Node, path: Path) -> str | None:
+        if _is_null(node):
+            return None
+        return self._file(node, path)
+
+    # -- cluster tls --------------------------------------------------------
+
+    def _cluster_tls(self, node: yaml.Node, path: Path) -> ClusterTLS | None:
+        """A cluster's ``tls``: true, null-valued keys or ``{}`` verify with defaults."""
+        if isinstance(node, yaml.ScalarNode):
+            value = _flag(self.scalar(node, path, "a mapping or true/false"))
+            if value is None or value is False:
+                return None
+            if value is True:
+                return ClusterTLS()
+            self.fail(
+                node, path,
+                f"expected a mapping with server_name and ca_file, or true to verify "
+                f"with the defaults (each endpoint's host name, the system trust "
+                f"store), got {_show(value)}",
+            )
+        fields = self.mapping(node, path, _CLUSTER_TLS_KEYS)
+        read = _FieldReader(self, fields, path, ())
+        server_name = read("server_name", self._server_name)
+        ca_file = read("ca_file", self._optional_file)
+        if not read.ok:
+            raise _Invalid()
+        result = self._construct(
+            node, path, ClusterTLS, server_name=server_name, ca_file=ca_file
+        )
+        if result is None:
+            raise _Invalid()
+        return result
+
+    def _server_name(self, node: yaml.Node, path: Path) -> str | None:
+        if _is_null(node):
+            return None
+        value = self.text(node, path, "a host name")
+        if _ip_literal(value) is None:
+            problem = _hostname_problem(value)
+            if problem:
+                self.fail(node, path, problem)
+        return value
+
+    # -- forward-proxy listeners --------------------------------------------
+
+    def _allow_destinations(
+        self, node: yaml.Node, path: Path
+    ) -> tuple[DestinationRule, ...]:
+        items = self.sequence(node, path, "HOST:PORT destinations")
+        if not items:
+            self.fail(
+                node, path,
+                "an empty list would refuse every destination; list the HOST:PORT "
+                "destinations clients may reach (the proxy is never open to all)",
+            )
+        rules: list[DestinationRule] = []
+        failed = False
+        for index, item in enumerate(items):
+            try:
+                rules.append(self._destination(item, path + (index,)))
+            except _Invalid:
+                failed = True
+        if failed:
+            raise _Invalid()
+        return tuple(rules)
+
+    def _destination(self, node: yaml.Node, path: Path) -> DestinationRule:
+        value = self.scalar(node, path, "HOST:PORT")
+        if not isinstance(value, str):
+            self.fail(node, path, f"{_DESTINATION_HINT}, got {_show(value)}")
+        try:
+            return _parse_destination(value)
+        except ValueError as e:
+            self.fail(node, path, str(e))
+
+    def _users(self, node: yaml.Node, path: Path, mode: str | None) -> tuple[User, ...]:
+        """``users``: name and password pairs. No message ever shows a password.
+
+        Shapes are checked here rather than by :meth:`sequence` and
+        :meth:`mapping`, whose messages quote the value they got, which could be
+        a password written in the wrong place.
+        """
+        if not isinstance(node, yaml.SequenceNode):
+            got = "null" if _is_null(node) else _kind(node)
+            self.fail(
+                node, path, f"expected a list of {{name, password}} mappings, got {got}"
+            )
+        if not node.value:
+            self.fail(
+                node, path,
+                "an empty list is ambiguous; list {name, password} mappings, or "
+                "remove the key to let clients in without a password",
+            )
+        users: list[User] = []
+        first: dict[str, _Named] = {}
+        failed = False
+        for index, item in enumerate(node.value):
+            entry = path + (index,)
+            if not isinstance(item, yaml.MappingNode):
+                got = "null" if _is_null(item) else _kind(item)
+                self.report(
+                    item, entry, f"expected a mapping with keys name, password, got {got}"
+                )
+                failed = True
+                continue
+            try:
+                fields = self.mapping(item, entry, _USER_KEYS, _USER_KEYS)
+            except _Invalid:
+                failed = True
+                continue
+            read = _FieldReader(self, fields, entry, _USER_KEYS)
+            name = read("name", lambda n, p: self._user_name(n, p, mode))
+            password = read("password", lambda n, p: self._password(n, p, mode))
+            if name is not None:
+                name_path = entry + ("name",)
+                if name in first:
+                    earlier = first[name]
+                    self.report(
+                        fields["name"], name_path,
+                        f"duplicate user name {name!r} (first at "
+                        f"{_render_path(earlier.path)}, line {_line(earlier.node)})",
+                    )
+                    read.ok = False
+                else:
+                    first[name] = _Named(name, fields["name"], name_path)
+            if not read.ok:
+                failed = True
+                continue
+            users.append(User(name=name, password=password))
+        if failed:
+            raise _Invalid()
+        return tuple(users)
+
+    def _user_name(self, node: yaml.Node, path: Path, mode: str | None) -> str:
+        value = self.text(node, path, "a user name")
+        if not value:
+            self.fail(node, path, "must not be empty")
+        if any(c.isspace() or not c.isprintable() for c in value):
+            self.fail(
+                node, path,
+                f"expected a user name without whitespace or control characters, "
+                f"got {value!r}",
+            )
+        if mode == "http_connect" and ":" in value:
+            self.fail(
+                node, path,
+                f"HTTP Basic authentication cannot carry ':' in a user name, got "
+                f"{value!r}",
+            )
+        if mode == "socks5" and len(value.encode()) > _SOCKS5_MAX_CREDENTIAL:
+            self.fail(
+                node, path,
+                f"longer than {_SOCKS5_MAX_CREDENTIAL} bytes, the most SOCKS5 "
+                f"(RFC 1929) can carry",
+            )
+        return value
+
+    def _password(self, node: yaml.Node, path: Path, mode: str | None) -> str:
+        """A password: text, never quoted back in a message."""
+        if not isinstance(node, yaml.ScalarNode):
+            self.fail(node, path, f"expected text, got {_kind(node)}")
+        value = self.scalar(node, path, "text", secret=True)
+        if value is None or value == "":
+            # An empty result can only come of references that expanded to
+            # nothing, so the text written is safe to show.
+            written = node.value if "${" in node.value else ""
+            hint = f" ({written} expanded to nothing)" if written else ""
+            self.fail(node, path, f"must not be empty{hint}")
+        if not isinstance(value, str):
+            self.fail(
+                node, path,
+                "expected text; put the password in quotes (YAML reads it "
+                "unquoted as another type)",
+            )
+        if mode == "socks5" and len(value.encode()) > _SOCKS5_MAX_CREDENTIAL:
+            self.fail(
+                node, path,
+                f"longer than {_SOCKS5_MAX_CREDENTIAL} bytes, the most SOCKS5 "
+                f"(RFC 1929) can carry",
+            )
+        return value
 
     def _endpoints(self, node: yaml.Node, path: Path) -> tuple[Address, ...]:
         items = self.sequence(node, path, "HOST:PORT endpoints")

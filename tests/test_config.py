@@ -7,6 +7,7 @@ messages are the product: an operator reads them at 3 a.m.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import textwrap
 from collections.abc import Mapping
@@ -19,14 +20,19 @@ from twisted.trial.unittest import SynchronousTestCase
 from egressproxy.config import (
     AccessLogConfig,
     Address,
+    ClientTLS,
     ClusterConfig,
+    ClusterTLS,
     Config,
     ConfigError,
+    DestinationRule,
     HealthCheckConfig,
     HttpServiceConfig,
     Keepalive,
     ListenAddress,
     ListenerConfig,
+    PostgresRoute,
+    User,
     _Loader,
     load_config,
     parse_config,
@@ -107,6 +113,23 @@ def with_cluster(**fields: str) -> str:
     ]
     for index, (key, value) in enumerate(cluster.items()):
         lines.append(f"  {'- ' if index == 0 else '  '}{key}: {value}")
+    return "\n".join(lines) + "\n"
+
+
+def with_mode(mode: str, **fields: str) -> str:
+    """A file with one listener of ``mode`` and the cluster db (values as YAML).
+
+    The listener has no cluster unless one is given: its name, listen and mode
+    take lines 2-4 and the keys given follow from line 5, in order.
+    """
+    lines = [
+        "listeners:",
+        "  - name: main",
+        '    listen: "127.0.0.1:0"',
+        f"    mode: {mode}",
+    ]
+    lines += [f"    {key}: {value}" for key, value in fields.items()]
+    lines += ["clusters:", "  - name: db", '    endpoints: ["db.example.com:5432"]']
     return "\n".join(lines) + "\n"
 
 
@@ -686,10 +709,10 @@ class ErrorTests(SynchronousTestCase):
         )
 
     def test_future_key_rejected(self) -> None:
-        """A key from a later version, such as tls, is rejected, not ignored."""
-        (error,) = errors(with_cluster(tls="{server_name: db.example.com}"))
+        """A key this version does not know, such as Envoy's outlier_detection, is rejected."""
+        (error,) = errors(with_cluster(outlier_detection="{consecutive_5xx: 5}"))
         self.assertTrue(
-            error.startswith("egress.yaml:8: clusters[0]: unknown key 'tls'"),
+            error.startswith("egress.yaml:8: clusters[0]: unknown key 'outlier_detection'"),
             error,
         )
 
@@ -1084,13 +1107,12 @@ class ErrorTests(SynchronousTestCase):
         )
 
     def test_bad_mode(self) -> None:
-        """A mode other than tcp says which modes this version lacks."""
+        """An unknown mode lists the four there are."""
         self.assertEqual(
-            errors(with_listener(mode="postgres")),
+            errors(with_listener(mode="https")),
             (
-                "egress.yaml:5: listeners[0].mode: expected tcp, got 'postgres' (the "
-                "postgres, http_connect and socks5 modes are not available in this "
-                "version)",
+                "egress.yaml:5: listeners[0].mode: expected tcp, postgres, "
+                "http_connect or socks5, got 'https'",
             ),
         )
 
@@ -1394,6 +1416,793 @@ class ErrorTests(SynchronousTestCase):
         self.assertEqual(error.errors, ("a.yaml:1: one", "a.yaml:2: two"))
 
 
+class TLSFiles:
+    """Certificate, key and CA files for the tests that name them (only their existence is checked)."""
+
+    def make_tls_files(self: SynchronousTestCase) -> tuple[str, str, str]:
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        paths = []
+        for name in ("proxy.crt", "proxy.key", "ca.pem"):
+            path = os.path.join(directory, name)
+            with open(path, "w", encoding="ascii") as f:
+                f.write("-----BEGIN PLACEHOLDER-----\n")
+            paths.append(path)
+        return paths[0], paths[1], paths[2]
+
+
+class ModeTests(SynchronousTestCase, TLSFiles):
+    """Good files for the postgres, http_connect and socks5 modes."""
+
+    def test_postgres_routes(self) -> None:
+        """Routes to a name template and to a cluster; sni patterns are lower-cased."""
+        config = parse(
+            with_mode(
+                "postgres",
+                routes='[{sni: "*.PG.example.cloud", upstream: "{sni}:5432"}, '
+                "{sni: db.example.com, cluster: db}]",
+            )
+        )
+        self.assertEqual(
+            config.listeners[0],
+            ListenerConfig(
+                name="main",
+                listen=ListenAddress("127.0.0.1:0", "127.0.0.1", 0, False),
+                mode="postgres",
+                cluster=None,
+                tls="passthrough",
+                require_tls=False,
+                routes=(
+                    PostgresRoute(sni="*.pg.example.cloud", upstream="{sni}:5432"),
+                    PostgresRoute(sni="db.example.com", cluster="db"),
+                ),
+            ),
+        )
+
+    def test_postgres_fixed_upstream_route(self) -> None:
+        """An upstream without {sni} is a fixed HOST:PORT and is kept as written."""
+        config = parse(
+            with_mode("postgres", routes='[{sni: a.example.com, upstream: "[2001:db8::1]:6432"}]')
+        )
+        self.assertEqual(
+            config.listeners[0].routes,
+            (PostgresRoute(sni="a.example.com", upstream="[2001:db8::1]:6432"),),
+        )
+
+    def test_postgres_single_cluster(self) -> None:
+        """A passthrough listener with one cluster, requiring TLS."""
+        listener = parse(
+            with_mode("postgres", cluster="db", tls="passthrough", require_tls="true")
+        ).listeners[0]
+        self.assertEqual(
+            (listener.mode, listener.cluster, listener.tls, listener.require_tls, listener.routes),
+            ("postgres", "db", "passthrough", True, ()),
+        )
+
+    def test_postgres_originate(self) -> None:
+        """An originate listener with client_tls, to a cluster with tls settings."""
+        cert, key, ca = self.make_tls_files()
+        config = parse(
+            with_mode(
+                "postgres",
+                cluster="db",
+                tls="originate",
+                require_tls="true",
+                client_tls=f"{{cert: '{cert}', key: '{key}'}}",
+            )
+            + f"    tls: {{server_name: db.internal.example, ca_file: '{ca}'}}\n"
+        )
+        listener = config.listeners[0]
+        self.assertEqual(
+            (listener.tls, listener.require_tls, listener.client_tls),
+            ("originate", True, ClientTLS(cert=cert, key=key)),
+        )
+        self.assertEqual(
+            config.clusters[0].tls,
+            ClusterTLS(server_name="db.internal.example", ca_file=ca),
+        )
+
+    def test_postgres_originate_without_client_tls(self) -> None:
+        """An originate listener needs no client_tls when it does not require TLS."""
+        listener = parse(with_mode("postgres", cluster="db", tls="originate")).listeners[0]
+        self.assertEqual((listener.tls, listener.client_tls), ("originate", None))
+
+    def test_cluster_tls_defaults(self) -> None:
+        """Cluster tls of true, {} or null-valued keys verifies with the defaults."""
+        for value in ("true", "{}", "{server_name: null, ca_file: null}"):
+            self.assertEqual(parse(with_cluster(tls=value)).clusters[0].tls, ClusterTLS(), value)
+
+    def test_cluster_tls_off(self) -> None:
+        """Cluster tls of false or null, or no tls at all, is no TLS settings."""
+        for value in ("false", "null"):
+            self.assertIsNone(parse(with_cluster(tls=value)).clusters[0].tls, value)
+        self.assertIsNone(parse(MINIMAL).clusters[0].tls)
+
+    def test_http_connect_users_from_environment(self) -> None:
+        """An http_connect listener with destinations and passwords from ${ENV}."""
+        listener = parse(
+            with_mode(
+                "http_connect",
+                allow_destinations='["api.vendor.com:443", "*.bank.example:443"]',
+                users='[{name: app, password: "${APP_PASSWORD}"}, '
+                '{name: release, password: "${RELEASE_PASSWORD:-fallback}"}]',
+            ),
+            {"APP_PASSWORD": "s3cret$"},
+        ).listeners[0]
+        self.assertEqual(
+            listener,
+            ListenerConfig(
+                name="main",
+                listen=ListenAddress("127.0.0.1:0", "127.0.0.1", 0, False),
+                mode="http_connect",
+                cluster=None,
+                allow_destinations=(
+                    DestinationRule(host="api.vendor.com", port=443),
+                    DestinationRule(host="*.bank.example", port=443),
+                ),
+                users=(User("app", "s3cret$"), User("release", "fallback")),
+            ),
+        )
+
+    def test_socks5_without_users(self) -> None:
+        """A socks5 listener without users or a cluster."""
+        listener = parse(
+            with_mode("socks5", allow_destinations='["db.example.com:5432"]')
+        ).listeners[0]
+        self.assertEqual(
+            (listener.mode, listener.cluster, listener.users, listener.allow_destinations),
+            ("socks5", None, (), (DestinationRule(host="db.example.com", port=5432),)),
+        )
+
+    def test_forward_proxy_with_cluster(self) -> None:
+        """A forward proxy may name a cluster, which then supplies its limits."""
+        listener = parse(
+            with_mode("socks5", cluster="db", allow_destinations='["a.example.com:1"]')
+        ).listeners[0]
+        self.assertEqual(listener.cluster, "db")
+
+    def test_destination_forms(self) -> None:
+        """Every accepted allow_destinations form and the rule it becomes."""
+        listener = parse(
+            with_mode(
+                "http_connect",
+                allow_destinations=(
+                    '["API.Vendor.com:443", "*.bank.example:*", "host.example:*", '
+                    '"[2001:db8::1]:443", "10.1.2.0/24:443", "[2001:db8::/32]:443", '
+                    '"203.0.113.7:443", "[2001:db8::7]:*"]'
+                ),
+            )
+        ).listeners[0]
+        self.assertEqual(
+            listener.allow_destinations,
+            (
+                DestinationRule(host="api.vendor.com", port=443),
+                DestinationRule(host="*.bank.example", port=None),
+                DestinationRule(host="host.example", port=None),
+                DestinationRule(network=IPv6Network("2001:db8::1/128"), port=443),
+                DestinationRule(network=IPv4Network("10.1.2.0/24"), port=443),
+                DestinationRule(network=IPv6Network("2001:db8::/32"), port=443),
+                DestinationRule(network=IPv4Network("203.0.113.7/32"), port=443),
+                DestinationRule(network=IPv6Network("2001:db8::7/128"), port=None),
+            ),
+        )
+
+    def test_user_password_not_in_repr(self) -> None:
+        """A loaded config's repr does not show passwords."""
+        config = parse(
+            with_mode(
+                "socks5",
+                allow_destinations='["a.example.com:1"]',
+                users="[{name: app, password: hunter2}]",
+            )
+        )
+        self.assertNotIn("hunter2", repr(config))
+        self.assertEqual(config.listeners[0].users[0].password, "hunter2")
+
+
+class ModeErrorTests(SynchronousTestCase, TLSFiles):
+    """Bad mode keys: the path, the rule broken and the fix."""
+
+    def test_postgres_key_on_tcp(self) -> None:
+        """A postgres key on a tcp listener (the default mode) says it is only for postgres."""
+        self.assertEqual(
+            errors(with_listener(require_tls="true")),
+            (
+                "egress.yaml:5: listeners[0].require_tls: only for mode: postgres; "
+                "this listener has mode: tcp, the default",
+            ),
+        )
+
+    def test_postgres_key_on_forward_proxy(self) -> None:
+        """A postgres key on a socks5 listener names the listener's mode."""
+        self.assertEqual(
+            errors(with_mode("socks5", allow_destinations='["a.example.com:1"]', tls="originate")),
+            (
+                "egress.yaml:6: listeners[0].tls: only for mode: postgres; this "
+                "listener has mode: socks5",
+            ),
+        )
+
+    def test_forward_key_on_postgres(self) -> None:
+        """A forward-proxy key on a postgres listener says which modes take it."""
+        self.assertEqual(
+            errors(with_mode("postgres", cluster="db", users="[{name: a, password: b}]")),
+            (
+                "egress.yaml:6: listeners[0].users: only for mode: http_connect or "
+                "socks5; this listener has mode: postgres",
+            ),
+        )
+
+    def test_misplaced_key_value_not_checked(self) -> None:
+        """A key on the wrong mode is one error, whatever its value."""
+        self.assertEqual(
+            errors(with_listener(allow_destinations="nonsense")),
+            (
+                "egress.yaml:5: listeners[0].allow_destinations: only for mode: "
+                "http_connect or socks5; this listener has mode: tcp, the default",
+            ),
+        )
+
+    def test_bad_mode_still_checks_values(self) -> None:
+        """With an unknown mode, mode rules are skipped but values are still checked."""
+        self.assertEqual(
+            errors(with_mode("sock5", tls="tunnel")),
+            (
+                "egress.yaml:4: listeners[0].mode: expected tcp, postgres, "
+                "http_connect or socks5, got 'sock5'",
+                "egress.yaml:5: listeners[0].tls: expected passthrough (the client's "
+                "TLS goes through to the server) or originate (the proxy opens TLS to "
+                "the cluster), got 'tunnel'",
+            ),
+        )
+
+    def test_postgres_without_cluster_or_routes(self) -> None:
+        """A postgres listener needs a cluster or routes."""
+        self.assertEqual(
+            errors(with_mode("postgres")),
+            (
+                "egress.yaml:2: listeners[0]: missing required key 'cluster' or "
+                "'routes' (a postgres listener sends every connection to one "
+                "cluster, or chooses by the TLS server name, SNI, with routes)",
+            ),
+        )
+
+    def test_postgres_misspelt_cluster(self) -> None:
+        """A misspelt cluster key gets its suggestion and no missing-key error."""
+        self.assertEqual(
+            errors(with_mode("postgres", clustr="db")),
+            ("egress.yaml:5: listeners[0]: unknown key 'clustr'; did you mean 'cluster'?",),
+        )
+
+    def test_postgres_cluster_and_routes(self) -> None:
+        """A postgres listener takes a cluster or routes, not both."""
+        self.assertEqual(
+            errors(with_mode("postgres", cluster="db", routes="[{sni: a.example.com, cluster: db}]")),
+            (
+                "egress.yaml:6: listeners[0].routes: give cluster or routes, not both "
+                "(cluster sends every connection to one cluster; routes choose by the "
+                "TLS server name, SNI)",
+            ),
+        )
+
+    def test_originate_with_routes(self) -> None:
+        """Routes are refused with tls: originate, which sees no SNI."""
+        self.assertEqual(
+            errors(
+                with_mode("postgres", tls="originate", routes="[{sni: a.example.com, cluster: db}]")
+            ),
+            (
+                "egress.yaml:6: listeners[0].routes: not allowed with tls: originate: "
+                "routes choose by the TLS server name (SNI), and clients of a tls: "
+                "originate listener speak plaintext to the proxy, so it sees none; "
+                "name one cluster instead, or use tls: passthrough to route by SNI",
+            ),
+        )
+
+    def test_originate_without_cluster(self) -> None:
+        """A tls: originate listener needs a cluster."""
+        self.assertEqual(
+            errors(with_mode("postgres", tls="originate")),
+            (
+                "egress.yaml:2: listeners[0]: missing required key 'cluster' (a tls: "
+                "originate listener opens TLS to one cluster)",
+            ),
+        )
+
+    def test_bad_listener_tls(self) -> None:
+        """A listener's tls is passthrough or originate."""
+        self.assertEqual(
+            errors(with_mode("postgres", cluster="db", tls="terminate")),
+            (
+                "egress.yaml:6: listeners[0].tls: expected passthrough (the client's "
+                "TLS goes through to the server) or originate (the proxy opens TLS to "
+                "the cluster), got 'terminate'",
+            ),
+        )
+
+    def test_require_tls_not_a_bool(self) -> None:
+        """require_tls must be true or false."""
+        self.assertEqual(
+            errors(with_mode("postgres", cluster="db", require_tls="always")),
+            ("egress.yaml:6: listeners[0].require_tls: expected true or false, got 'always'",),
+        )
+
+    def test_require_tls_originate_without_client_tls(self) -> None:
+        """require_tls with tls: originate needs client_tls, or no client could connect."""
+        self.assertEqual(
+            errors(with_mode("postgres", cluster="db", tls="originate", require_tls="true")),
+            (
+                "egress.yaml:7: listeners[0].require_tls: with tls: originate, "
+                "require_tls needs client_tls (the certificate the proxy shows clients "
+                "that ask for TLS); without it every client would be refused",
+            ),
+        )
+
+    def test_client_tls_with_passthrough(self) -> None:
+        """client_tls is refused on a passthrough listener."""
+        cert, key, _ = self.make_tls_files()
+        self.assertEqual(
+            errors(
+                with_mode("postgres", cluster="db", client_tls=f"{{cert: '{cert}', key: '{key}'}}")
+            ),
+            (
+                "egress.yaml:6: listeners[0].client_tls: only with tls: originate "
+                "(with passthrough the client's TLS goes through to the server and the "
+                "proxy shows no certificate); this listener has tls: passthrough, the "
+                "default",
+            ),
+        )
+
+    def test_client_tls_missing_key(self) -> None:
+        """client_tls needs both cert and key."""
+        cert, _, _ = self.make_tls_files()
+        self.assertEqual(
+            errors(
+                with_mode("postgres", cluster="db", tls="originate", client_tls=f"{{cert: '{cert}'}}")
+            ),
+            ("egress.yaml:7: listeners[0].client_tls: missing required key 'key'",),
+        )
+
+    def test_client_tls_missing_files(self) -> None:
+        """client_tls files must exist; the error names the path."""
+        _, key, _ = self.make_tls_files()
+        directory = os.path.dirname(key)
+        missing = os.path.join(directory, "absent.crt")
+        self.assertEqual(
+            errors(
+                with_mode(
+                    "postgres", cluster="db", tls="originate",
+                    client_tls=f"{{cert: '{missing}', key: '{directory}'}}",
+                )
+            ),
+            (
+                f"egress.yaml:7: listeners[0].client_tls.cert: no such file: {missing!r}",
+                f"egress.yaml:7: listeners[0].client_tls.key: {directory!r} is a "
+                f"directory, not a file",
+            ),
+        )
+
+
+class RouteErrorTests(SynchronousTestCase):
+    """Bad postgres routes."""
+
+    def route_errors(self, *routes: str) -> tuple[str, ...]:
+        """Errors for a postgres listener with these routes, one per line from line 6."""
+        text = with_mode("postgres", routes="") + ""
+        lines = text.splitlines()
+        lines[4:5] = ["    routes:"] + [f"      - {route}" for route in routes]
+        return errors("\n".join(lines) + "\n")
+
+    def test_empty_routes(self) -> None:
+        """An empty routes list is refused."""
+        self.assertEqual(
+            errors(with_mode("postgres", routes="[]")),
+            (
+                "egress.yaml:5: listeners[0].routes: an empty list would refuse every "
+                "connection; give at least one route, or use cluster instead",
+            ),
+        )
+
+    def test_route_without_target(self) -> None:
+        """A route needs a cluster or an upstream."""
+        self.assertEqual(
+            self.route_errors("{sni: a.example.com}"),
+            (
+                "egress.yaml:6: listeners[0].routes[0]: missing required key 'cluster' "
+                "or 'upstream' (a route sends to a configured cluster, or to a "
+                "HOST:PORT template such as '{sni}:5432')",
+            ),
+        )
+
+    def test_route_with_both_targets(self) -> None:
+        """A route takes a cluster or an upstream, not both."""
+        self.assertEqual(
+            self.route_errors("{sni: a.example.com, cluster: db, upstream: 'a.example.com:5432'}"),
+            (
+                "egress.yaml:6: listeners[0].routes[0].upstream: give cluster or "
+                "upstream, not both (cluster sends to a configured cluster; upstream "
+                "dials a HOST:PORT made from the server name)",
+            ),
+        )
+
+    def test_route_without_sni(self) -> None:
+        """A route needs an sni."""
+        self.assertEqual(
+            self.route_errors("{cluster: db}"),
+            ("egress.yaml:6: listeners[0].routes[0]: missing required key 'sni'",),
+        )
+
+    def test_route_unknown_cluster(self) -> None:
+        """A route's cluster must be defined."""
+        self.assertEqual(
+            self.route_errors("{sni: a.example.com, cluster: dbb}"),
+            (
+                "egress.yaml:6: listeners[0].routes[0].cluster: unknown cluster 'dbb' "
+                "(defined clusters: db); did you mean 'db'?",
+            ),
+        )
+
+    def test_duplicate_sni(self) -> None:
+        """Two routes for one sni pattern (ignoring case) are an error on the second."""
+        self.assertEqual(
+            self.route_errors(
+                "{sni: '*.pg.example.cloud', upstream: '{sni}:5432'}",
+                "{sni: '*.PG.Example.cloud', cluster: db}",
+            ),
+            (
+                "egress.yaml:7: listeners[0].routes[1].sni: duplicate route for "
+                "'*.pg.example.cloud' (first at listeners[0].routes[0].sni, line 6)",
+            ),
+        )
+
+    def test_sni_wildcard_forms(self) -> None:
+        """'*' alone, a one-label suffix and '*' inside a name are refused."""
+        self.assertEqual(
+            self.route_errors(
+                "{sni: '*', cluster: db}",
+                "{sni: '*.cloud', cluster: db}",
+                "{sni: 'db.*.cloud', cluster: db}",
+            ),
+            (
+                "egress.yaml:6: listeners[0].routes[0].sni: '*' would match every "
+                "server name and make this an open proxy; name the hosts, or a "
+                "*.SUFFIX such as *.example.com",
+                "egress.yaml:7: listeners[0].routes[1].sni: '*.cloud' is too broad: "
+                "the suffix after '*.' needs at least two labels (e.g. *.example.com)",
+                "egress.yaml:8: listeners[0].routes[2].sni: expected a server name "
+                "such as db.example.com, or *.SUFFIX such as *.pg.example.cloud ('*' "
+                "only as the whole first label), got 'db.*.cloud'",
+            ),
+        )
+
+    def test_sni_bad_names(self) -> None:
+        """An sni that is an IP address or not a host name is refused."""
+        self.assertEqual(
+            self.route_errors(
+                "{sni: '10.0.0.1', cluster: db}", "{sni: 'db_1.example.com', cluster: db}"
+            ),
+            (
+                "egress.yaml:6: listeners[0].routes[0].sni: clients send a TLS server "
+                "name (SNI) only for host names, never for an IP address; expected a "
+                "server name such as db.example.com, or *.SUFFIX such as "
+                "*.pg.example.cloud ('*' only as the whole first label), got '10.0.0.1'",
+                "egress.yaml:7: listeners[0].routes[1].sni: 'db_1.example.com' is not "
+                "a valid host name (letters, digits and '-' in dot-separated labels of "
+                "1-63 characters, at most 253 in all)",
+            ),
+        )
+
+    def test_upstream_placeholders(self) -> None:
+        """{sni} is the only placeholder; other braces are refused."""
+        self.assertEqual(
+            self.route_errors(
+                "{sni: a.example.com, upstream: '{host}:5432'}",
+                "{sni: b.example.com, upstream: '{sni:5432'}",
+            ),
+            (
+                "egress.yaml:6: listeners[0].routes[0].upstream: unknown placeholder "
+                "'{host}' in '{host}:5432'; {sni} (the server name the client sent) "
+                "is the only one",
+                "egress.yaml:7: listeners[0].routes[1].upstream: unmatched brace in "
+                "'{sni:5432'; {sni} (the server name the client sent) is the only "
+                "placeholder",
+            ),
+        )
+
+    def test_upstream_without_port(self) -> None:
+        """An upstream template needs a port."""
+        self.assertEqual(
+            self.route_errors("{sni: '*.pg.example.cloud', upstream: '{sni}'}"),
+            (
+                "egress.yaml:6: listeners[0].routes[0].upstream: expected a HOST:PORT "
+                "template in which {sni} stands for the server name the client sent "
+                "(e.g. '{sni}:5432' or 'db.internal:5432'), got '{sni}'",
+            ),
+        )
+
+    def test_upstream_bad_after_substitution(self) -> None:
+        """A template that makes no valid host name says so with the sample used."""
+        self.assertEqual(
+            self.route_errors(
+                "{sni: '*.pg.example.cloud', upstream: '{sni}_direct:5432'}",
+                "{sni: '*.pg.example.cloud.', upstream: '{sni}:0'}",
+            ),
+            (
+                "egress.yaml:6: listeners[0].routes[0].upstream: 'x.example.test_direct' "
+                "is not a valid host name (letters, digits and '-' in dot-separated "
+                "labels of 1-63 characters, at most 253 in all) (from "
+                "'{sni}_direct:5432' with {sni} = x.example.test)",
+                "egress.yaml:7: listeners[0].routes[1].sni: 'pg.example.cloud.' is not "
+                "a valid host name (letters, digits and '-' in dot-separated labels of "
+                "1-63 characters, at most 253 in all)",
+                "egress.yaml:7: listeners[0].routes[1].upstream: port 0 is out of "
+                "range (1-65535)",
+            ),
+        )
+
+
+class ClusterTLSErrorTests(SynchronousTestCase):
+    """Bad tls on a cluster."""
+
+    def test_bad_value(self) -> None:
+        """Cluster tls is a mapping or a boolean."""
+        self.assertEqual(
+            errors(with_cluster(tls="verify")),
+            (
+                "egress.yaml:8: clusters[0].tls: expected a mapping with server_name "
+                "and ca_file, or true to verify with the defaults (each endpoint's "
+                "host name, the system trust store), got 'verify'",
+            ),
+        )
+
+    def test_missing_ca_file(self) -> None:
+        """ca_file must exist."""
+        missing = os.path.join(tempfile.gettempdir(), "egressproxy-absent-ca.pem")
+        self.assertEqual(
+            errors(with_cluster(tls=f"{{ca_file: '{missing}'}}")),
+            (f"egress.yaml:8: clusters[0].tls.ca_file: no such file: {missing!r}",),
+        )
+
+    def test_bad_server_name(self) -> None:
+        """server_name must be a host name."""
+        self.assertEqual(
+            errors(with_cluster(tls="{server_name: 'db server'}")),
+            (
+                "egress.yaml:8: clusters[0].tls.server_name: 'db server' is not a "
+                "valid host name (letters, digits and '-' in dot-separated labels of "
+                "1-63 characters, at most 253 in all)",
+            ),
+        )
+
+    def test_unknown_key(self) -> None:
+        """An unknown key inside a cluster's tls gets a suggestion."""
+        self.assertEqual(
+            errors(with_cluster(tls="{sni: db.example.com}")),
+            (
+                "egress.yaml:8: clusters[0].tls: unknown key 'sni' (expected one of: "
+                "server_name, ca_file)",
+            ),
+        )
+
+
+class ForwardErrorTests(SynchronousTestCase):
+    """Bad http_connect and socks5 listeners: destinations and users."""
+
+    def destination_error(self, entry: str) -> str:
+        (error,) = errors(with_mode("http_connect", allow_destinations=f"['{entry}']"))
+        prefix = "egress.yaml:5: listeners[0].allow_destinations[0]: "
+        self.assertTrue(error.startswith(prefix), error)
+        return error[len(prefix):]
+
+    def user_errors(self, *users: str, mode: str = "http_connect", environ: Mapping[str, str] | None = None) -> tuple[str, ...]:
+        """Errors for a listener with these users, one per line from line 7."""
+        lines = with_mode(mode, allow_destinations="['a.example.com:443']").splitlines()
+        lines[5:5] = ["    users:"] + [f"      - {user}" for user in users]
+        return errors("\n".join(lines) + "\n", environ)
+
+    def test_missing_allow_destinations(self) -> None:
+        """A forward proxy without allow_destinations is refused: it is never open."""
+        self.assertEqual(
+            errors(with_mode("socks5")),
+            (
+                "egress.yaml:2: listeners[0]: missing required key 'allow_destinations' "
+                "(socks5 listeners dial only the destinations listed there and are "
+                "never open proxies; e.g. allow_destinations: [\"api.vendor.com:443\"])",
+            ),
+        )
+
+    def test_empty_allow_destinations(self) -> None:
+        """An empty allow_destinations list is refused."""
+        self.assertEqual(
+            errors(with_mode("http_connect", allow_destinations="[]")),
+            (
+                "egress.yaml:5: listeners[0].allow_destinations: an empty list would "
+                "refuse every destination; list the HOST:PORT destinations clients may "
+                "reach (the proxy is never open to all)",
+            ),
+        )
+
+    def test_destination_garbage(self) -> None:
+        """A destination of no accepted form lists the accepted forms."""
+        self.assertEqual(
+            self.destination_error("a.*.example.com:443"),
+            "expected HOST:PORT, *.SUFFIX:PORT, IP:PORT, CIDR:PORT, [IPV6]:PORT or "
+            "[IPV6 CIDR]:PORT, where PORT is a number or * for any port (e.g. "
+            "api.vendor.com:443, *.bank.example:443, 10.1.2.0/24:443, "
+            "[2001:db8::/32]:443, 203.0.113.7:*), got 'a.*.example.com'",
+        )
+
+    def test_destination_without_port(self) -> None:
+        """A destination without a port says how to write one, or * for any."""
+        self.assertEqual(
+            self.destination_error("api.vendor.com"),
+            "'api.vendor.com' has no port; write api.vendor.com:PORT, or "
+            "api.vendor.com:* for any port",
+        )
+
+    def test_destination_bad_port(self) -> None:
+        """A destination port is a number 1-65535 or *."""
+        self.assertEqual(
+            self.destination_error("api.vendor.com:https"),
+            "expected a port number 1-65535 or * for any port, got 'https'",
+        )
+
+    def test_destination_every_host(self) -> None:
+        """'*' as a host would be an open proxy."""
+        self.assertEqual(
+            self.destination_error("*:443"),
+            "'*' would match every host name and make this an open proxy; name the "
+            "hosts, or a *.SUFFIX such as *.example.com",
+        )
+
+    def test_destination_too_broad(self) -> None:
+        """A wildcard over a one-label suffix is too broad."""
+        self.assertEqual(
+            self.destination_error("*.com:443"),
+            "'*.com' is too broad: the suffix after '*.' needs at least two labels "
+            "(e.g. *.example.com)",
+        )
+
+    def test_destination_every_address(self) -> None:
+        """A /0 network would be an open proxy."""
+        self.assertEqual(
+            self.destination_error("[::/0]:443"),
+            "'::/0' would allow every IPv6 address and make this an open proxy; list "
+            "the networks clients may reach",
+        )
+
+    def test_destination_host_bits(self) -> None:
+        """A CIDR with host bits set suggests the network."""
+        self.assertEqual(
+            self.destination_error("10.1.2.3/24:443"),
+            "'10.1.2.3/24' has host bits set; did you mean '10.1.2.0/24'?",
+        )
+
+    def test_destination_unbracketed_ipv6(self) -> None:
+        """An IPv6 destination without brackets gets the bracketed spelling."""
+        self.assertEqual(
+            self.destination_error("2001:db8::/32:443"),
+            "an IPv6 address needs brackets: write [2001:db8::/32]:443, got "
+            "'2001:db8::/32:443'",
+        )
+
+    def test_destination_ipv4_in_brackets(self) -> None:
+        """Only IPv6 goes in brackets."""
+        self.assertEqual(
+            self.destination_error("[10.0.0.1]:443"),
+            "only IPv6 addresses and networks go in brackets, got '10.0.0.1' in "
+            "'[10.0.0.1]:443'",
+        )
+
+    def test_user_missing_password(self) -> None:
+        """A user needs a name and a password."""
+        self.assertEqual(
+            self.user_errors("{name: app}"),
+            ("egress.yaml:7: listeners[0].users[0]: missing required key 'password'",),
+        )
+
+    def test_user_empty_values(self) -> None:
+        """An empty name or password is refused."""
+        self.assertEqual(
+            self.user_errors("{name: '', password: ''}"),
+            (
+                "egress.yaml:7: listeners[0].users[0].name: must not be empty",
+                "egress.yaml:7: listeners[0].users[0].password: must not be empty",
+            ),
+        )
+
+    def test_password_empty_variable(self) -> None:
+        """A password from a variable set but empty says which reference was empty."""
+        self.assertEqual(
+            self.user_errors("{name: app, password: '${APP_PASSWORD}'}", environ={"APP_PASSWORD": ""}),
+            (
+                "egress.yaml:7: listeners[0].users[0].password: must not be empty "
+                "(${APP_PASSWORD} expanded to nothing)",
+            ),
+        )
+
+    def test_password_never_shown(self) -> None:
+        """No message about a password quotes it, whatever is wrong with it."""
+        found = self.user_errors(
+            "{name: a, password: 8675309}",
+            "{name: b, password: 'hunter${2'}",
+            "{name: c, password: 'swordfish${bad ref}'}",
+            "'d:correcthorse'",
+        )
+        self.assertEqual(
+            found,
+            (
+                "egress.yaml:7: listeners[0].users[0].password: expected text; put the "
+                "password in quotes (YAML reads it unquoted as another type)",
+                "egress.yaml:8: listeners[0].users[1].password: unterminated '${' in "
+                "the value; write $$ for a literal $",
+                "egress.yaml:9: listeners[0].users[2].password: invalid reference in "
+                "the value: expected ${NAME} or ${NAME:-default} (NAME is letters, "
+                "digits and _); write $$ for a literal $",
+                "egress.yaml:10: listeners[0].users[3]: expected a mapping with keys "
+                "name, password, got a single value",
+            ),
+        )
+        for secret in ("8675309", "hunter", "swordfish", "correcthorse"):
+            self.assertNotIn(secret, "\n".join(found))
+
+    def test_users_not_a_list(self) -> None:
+        """users written as a single value is refused without quoting it."""
+        self.assertEqual(
+            errors(
+                with_mode(
+                    "http_connect", allow_destinations="['a.example.com:443']",
+                    users="'app:hunter2'",
+                )
+            ),
+            (
+                "egress.yaml:6: listeners[0].users: expected a list of {name, "
+                "password} mappings, got a single value",
+            ),
+        )
+
+    def test_users_empty(self) -> None:
+        """An empty users list is refused as ambiguous."""
+        self.assertEqual(
+            errors(with_mode("socks5", allow_destinations="['a.example.com:443']", users="[]")),
+            (
+                "egress.yaml:6: listeners[0].users: an empty list is ambiguous; list "
+                "{name, password} mappings, or remove the key to let clients in "
+                "without a password",
+            ),
+        )
+
+    def test_duplicate_user(self) -> None:
+        """A user name given twice is an error on the second."""
+        self.assertEqual(
+            self.user_errors("{name: app, password: a}", "{name: app, password: b}"),
+            (
+                "egress.yaml:8: listeners[0].users[1].name: duplicate user name 'app' "
+                "(first at listeners[0].users[0].name, line 7)",
+            ),
+        )
+
+    def test_http_user_name_with_colon(self) -> None:
+        """An http_connect user name cannot hold ':' (HTTP Basic splits on it)."""
+        self.assertEqual(
+            self.user_errors("{name: 'ops:admin', password: a}"),
+            (
+                "egress.yaml:7: listeners[0].users[0].name: HTTP Basic authentication "
+                "cannot carry ':' in a user name, got 'ops:admin'",
+            ),
+        )
+
+    def test_socks5_password_too_long(self) -> None:
+        """A socks5 password longer than RFC 1929 allows is refused without showing it."""
+        self.assertEqual(
+            self.user_errors("{name: app, password: '${LONG}'}", mode="socks5", environ={"LONG": "x" * 256}),
+            (
+                "egress.yaml:7: listeners[0].users[0].password: longer than 255 bytes, "
+                "the most SOCKS5 (RFC 1929) can carry",
+            ),
+        )
+
+
 class LoadConfigTests(SynchronousTestCase):
     """load_config reads the named file."""
 
@@ -1464,10 +2273,12 @@ class ObjectTests(SynchronousTestCase):
         self.assertRaises(ValueError, Keepalive, count=128)
 
     def test_listener_mode(self) -> None:
-        """A listener refuses modes this version does not have."""
+        """A listener takes the four modes and refuses any other."""
         listen = ListenAddress(":1", "::", 1, True)
+        for mode in ("tcp", "postgres", "http_connect", "socks5"):
+            self.assertEqual(ListenerConfig(name="a", listen=listen, mode=mode).mode, mode)
         self.assertRaises(
-            ValueError, ListenerConfig, name="a", listen=listen, mode="socks5", cluster="db"
+            ValueError, ListenerConfig, name="a", listen=listen, mode="udp", cluster="db"
         )
 
     def test_listener_default_prefix(self) -> None:
@@ -1490,6 +2301,26 @@ class ObjectTests(SynchronousTestCase):
             listeners=(ListenerConfig(name="a", listen=listen, mode="tcp", cluster="nope"),),
             clusters=(ClusterConfig(name="db", endpoints=(Address("a.test", 1),)),),
         )
+
+
+    def test_config_checks_route_clusters(self) -> None:
+        """A config whose route names a missing cluster cannot exist."""
+        listen = ListenAddress(":1", "::", 1, True)
+        listener = ListenerConfig(
+            name="a", listen=listen, mode="postgres",
+            routes=(PostgresRoute(sni="a.example.com", cluster="nope"),),
+        )
+        self.assertRaises(
+            ValueError,
+            Config,
+            source="x",
+            listeners=(listener,),
+            clusters=(ClusterConfig(name="db", endpoints=(Address("a.test", 1),)),),
+        )
+
+    def test_user_repr_hides_password(self) -> None:
+        """A user's repr shows the name and not the password."""
+        self.assertEqual(repr(User("app", "hunter2")), "User(name='app')")
 
 
 class LoaderTests(SynchronousTestCase):

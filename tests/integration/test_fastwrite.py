@@ -6,6 +6,7 @@ import socket
 
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.task import deferLater
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
@@ -24,7 +25,7 @@ class Collect(protocol.Protocol):
 class DirectWriterTests(TestCase):
     @inline
     async def test_order_kept_across_partial_sends(self) -> None:
-        """Chunks written while the peer stops reading arrive complete and in order once it reads again."""
+        """Chunks written across reactor turns, with sends often partial, arrive complete and in order."""
         received: list[Collect] = []
 
         class Factory(protocol.Factory):
@@ -37,17 +38,21 @@ class DirectWriterTests(TestCase):
         sender = await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port), protocol.Protocol())
         self.addCleanup(sender.transport.abortConnection)
         await wait_until(lambda: bool(received))
-        received[0].transport.pauseProducing()  # the peer stops reading: the kernel buffers fill
-        sender.transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)
+        # A small send buffer makes sends partial while the peer keeps reading,
+        # so the kernel often has room while Twisted still holds bytes: a
+        # direct send then would overtake them.
+        sender.transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
         write = direct_writer(sender.transport)
         self.assertIsNot(write, sender.transport.write)
-        chunks = [bytes([i % 251]) * (1000 + 37 * (i % 500)) for i in range(1500)]  # ~16 MB, odd sizes
-        for chunk in chunks:
-            write(chunk)
+        chunks = [i.to_bytes(4, "big") * (250 + 9 * (i % 300)) for i in range(3000)]  # ~20 MB, odd sizes
+        held = 0
+        for batch in range(100):  # bounded: 100 reactor turns of 30 chunks
+            for chunk in chunks[batch * 30:(batch + 1) * 30]:
+                write(chunk)
+            held += bool(sender.transport.dataBuffer or sender.transport._tempDataLen)
+            await deferLater(reactor, 0, lambda: None)
+        self.assertGreater(held, 10, "sends were never partial: the test did not exercise buffering")
         expected = b"".join(chunks)
-        self.assertTrue(sender.transport.dataBuffer or sender.transport._tempDataLen,
-                        "the kernel took everything: pushback never happened")
-        received[0].transport.resumeProducing()
         await wait_until(lambda: len(received[0].data) >= len(expected), timeout=30)
         self.assertEqual(bytes(received[0].data), expected)
 
