@@ -27,7 +27,7 @@ Rules:
 - Every ``interval`` seconds (the first round at :meth:`HealthChecker.start`)
   each endpoint is probed, unless its previous probe is still running: probes
   of one endpoint never overlap, a round is skipped for it instead.
-- Each probe dials through ``HostnameEndpoint`` (the ``hosts:`` pin first,
+- Each probe dials like a connection does (``upstream.client_endpoint``: the ``hosts:`` pin first,
   like real connections) and has one deadline of ``timeout`` seconds, name
   resolution included.
 - ``unhealthy_threshold`` consecutive failures mark the endpoint unhealthy,
@@ -52,7 +52,6 @@ import struct
 from typing import Callable
 
 from twisted.internet import defer, error
-from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.interfaces import IDelayedCall, IProtocol, IReactorTime
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.task import LoopingCall
@@ -60,7 +59,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from egressproxy.config import Address
-from egressproxy.upstream import UpstreamCluster
+from egressproxy.upstream import UpstreamCluster, client_endpoint
 
 #: int32 message length 8, int32 SSLRequest code 1234 << 16 | 5679.
 SSL_REQUEST = struct.pack("!ii", 8, 80877103)
@@ -119,7 +118,7 @@ class Probe(Protocol):
         self._connected = False
 
     def start(self) -> None:
-        endpoint = HostnameEndpoint(self.reactor, self.host, self.address.port, timeout=self.timeout)
+        endpoint = client_endpoint(self.reactor, self.host, self.address.port, self.timeout)
         # One deadline for the whole probe, name resolution and the answer
         # included (HostnameEndpoint's timeout covers only each TCP connect).
         self._deadline = self.reactor.callLater(self.timeout, self._timed_out)

@@ -21,11 +21,12 @@ when all of them are unhealthy, all are tried anyway (panic mode, counted in
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Callable
 
 from twisted.internet import defer, error
-from twisted.internet.endpoints import HostnameEndpoint
-from twisted.internet.interfaces import IProtocol, IReactorTime
+from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
+from twisted.internet.interfaces import IProtocol, IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 
@@ -43,6 +44,22 @@ class UpstreamConnectFailed(Exception):
         self.reason = reason
         self.flag = flag
         self.detail = detail
+
+
+def client_endpoint(reactor: IReactorTime, host: str, port: int, timeout: float) -> IStreamClientEndpoint:
+    """An endpoint for one dial: an IP literal directly, a name through ``HostnameEndpoint``.
+
+    ``HostnameEndpoint`` resolves even a literal through the reactor's
+    threaded resolver: a thread round trip on every new connection.  Pinned
+    and literal addresses skip it; names are still resolved per connection.
+    """
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return HostnameEndpoint(reactor, host, port, timeout=timeout)
+    if ip.version == 6:
+        return TCP6ClientEndpoint(reactor, host, port, timeout=timeout)
+    return TCP4ClientEndpoint(reactor, host, port, timeout=timeout)
 
 
 #: Reasons a connect fails, as metrics label them (see classify_connect_failure).
@@ -223,7 +240,7 @@ class UpstreamDial:
         self.on_attempt(address)
         host = cluster.pinned(address.host) or address.host
         timeout = cluster.config.connect_timeout
-        endpoint = HostnameEndpoint(cluster.reactor, host, address.port, timeout=timeout)
+        endpoint = client_endpoint(cluster.reactor, host, address.port, timeout)
         self._timed_out = False
         self._started = cluster.reactor.seconds()
         # One deadline for the whole attempt, name resolution included

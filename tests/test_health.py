@@ -122,7 +122,8 @@ class ProbeTests(SynchronousTestCase):
 
     def test_dns_failure_is_failure(self) -> None:
         """A name that resolves to nothing fails the probe with 'DNS lookup failed'."""
-        w = World(endpoints=(A,))
+        named = Address("db.egress.test", 5432)  # literals skip the resolver
+        w = World(endpoints=(named,))
 
         class NoAddresses(LiteralResolver):
             def resolveHostName(self, receiver, hostName, portNumber=0, addressTypes=None,  # type: ignore[no-untyped-def]
@@ -132,7 +133,7 @@ class ProbeTests(SynchronousTestCase):
 
         w.reactor.installNameResolver(NoAddresses())
         w.checker.start()
-        self.assertEqual(w.state(A).last_error, "DNS lookup failed")
+        self.assertEqual(w.state(named).last_error, "DNS lookup failed")
 
     def test_postgres_sends_ssl_request(self) -> None:
         """A postgres probe writes exactly the 8-byte SSLRequest once connected."""
