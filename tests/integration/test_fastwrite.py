@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import socket
 
-from twisted.internet import defer, protocol, reactor
+from twisted.internet import protocol, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.task import deferLater
 from twisted.internet.testing import StringTransport
