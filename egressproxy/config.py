@@ -916,7 +916,7 @@ class Config:
         validator=_tuple_of(ListenerConfig, non_empty=True)
     )
     clusters: tuple[ClusterConfig, ...] = attrs.field(
-        validator=_tuple_of(ClusterConfig, non_empty=True)
+        validator=_tuple_of(ClusterConfig, non_empty=False)
     )
     hosts: tuple[tuple[str, str], ...] = attrs.field(default=(), validator=_check_hosts)
     access_log: AccessLogConfig = attrs.field(
@@ -1373,10 +1373,15 @@ class _Builder:
             )
             return None
         try:
-            fields = self.mapping(root, (), _TOP_KEYS, ("listeners", "clusters"))
+            fields = self.mapping(root, (), _TOP_KEYS, ("listeners",))
         except _Invalid:
             return None
-        clusters = self._build_list(fields, "clusters", "clusters", self._build_cluster)
+        # Only forward-proxy listeners may go without: an unknown cluster
+        # reference below reports the rest ("defined clusters: none").
+        clusters = (
+            self._build_list(fields, "clusters", "clusters", self._build_cluster)
+            if "clusters" in fields else ()
+        )
         listeners = self._build_list(
             fields, "listeners", "listeners", self._build_listener
         )

@@ -759,13 +759,26 @@ class ErrorTests(SynchronousTestCase):
         )
 
     def test_missing_sections(self) -> None:
-        """A file without listeners and clusters says so."""
+        """A file without listeners says so."""
         self.assertEqual(
             errors("access_log: {format: text}\n"),
-            (
-                "egress.yaml:1: missing required key 'listeners'",
-                "egress.yaml:1: missing required key 'clusters'",
-            ),
+            ("egress.yaml:1: missing required key 'listeners'",),
+        )
+
+    def test_clusters_optional_for_forward_proxies(self) -> None:
+        """A file whose listeners are all forward proxies needs no clusters."""
+        config = parse_config(
+            "listeners:\n"
+            "  - {name: out, listen: \"127.0.0.1:0\", mode: socks5, allow_destinations: [\"api.vendor.example:443\"]}\n",
+            "egress.yaml", {},
+        )
+        self.assertEqual((config.clusters, config.listeners[0].cluster), ((), None))
+
+    def test_tcp_listener_without_clusters(self) -> None:
+        """A tcp listener in a file without clusters names the cluster it lacks."""
+        self.assertEqual(
+            errors("listeners:\n  - {name: a, listen: \":1\", cluster: pg}\n"),
+            ("egress.yaml:2: listeners[0].cluster: unknown cluster 'pg' (defined clusters: none)",),
         )
 
     def test_empty_lists(self) -> None:
