@@ -7,7 +7,7 @@ the live ones, so a long-lived connection's traffic shows up while it flows.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from twisted.internet.interfaces import IAddress, IReactorTime
 from twisted.internet.protocol import Factory
@@ -50,6 +50,11 @@ class ListenerRuntime:
         self.rejected: dict[str, int] = dict.fromkeys(REJECT_REASONS, 0)
         self.finished_bytes_received = 0
         self.finished_bytes_sent = 0
+        #: The service's configured clusters by name (a front routing to a
+        #: named cluster, e.g. a Postgres route's ``cluster:``); set by the service.
+        self.named_cluster: Callable[[str], UpstreamCluster | None] = lambda name: None
+        #: The mode's own per-listener state (e.g. Postgres cancel keys), made by its front.
+        self.mode_state: object | None = None
 
     def make_front(self, session: Session) -> Front:
         """The front for a new session, by this listener's current mode."""
@@ -72,6 +77,10 @@ class ListenerRuntime:
 
     def _reject(self, reason: str) -> None:
         self.rejected[reason] = self.rejected.get(reason, 0) + 1
+
+    def count_rejected(self, reason: str) -> None:
+        """Count an admitted connection its front refused before dialling (e.g. ``no_route``)."""
+        self._reject(reason)
 
     def count_unadmitted(self, reason: str | None) -> None:
         """Count a connection that ended before admission (``admit`` counts the others)."""

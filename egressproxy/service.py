@@ -110,6 +110,8 @@ class EgressService(MultiService):
             l.name: ListenerRuntime(l, self._cluster_for(l, self.clusters), reactor, self.access_log)
             for l in config.listeners
         }
+        for runtime in self.listeners.values():
+            runtime.named_cluster = self.clusters_get
         #: Listeners removed by a reload whose connections are still live.
         self.retired: list[ListenerRuntime] = []
         self.ports: dict[str, IListeningPort] = {}
@@ -135,6 +137,10 @@ class EgressService(MultiService):
     def all_clusters(self) -> dict[str, UpstreamCluster]:
         """Configured and dynamic clusters, by the name metrics and admin show."""
         return {**self.clusters, **{c.name: c for c in self.dynamic.values()}}
+
+    def clusters_get(self, name: str) -> UpstreamCluster | None:
+        """The configured cluster called ``name`` now (reloads included), else None."""
+        return self.clusters.get(name)
 
     def _new_cluster(self, config, label: str | None = None) -> UpstreamCluster:  # type: ignore[no-untyped-def]
         # Pins are looked up in the current config, so a reload's hosts: apply.
@@ -358,6 +364,7 @@ class EgressService(MultiService):
                     new_listeners[name], self._cluster_for(new_listeners[name], cluster_of), self.reactor,
                     self.access_log,
                 )
+                runtimes[name].named_cluster = self.clusters_get
                 bound[name] = self._bind_listener(runtimes[name])
             for name in rebound:
                 factory = ListenerFactory(self.listeners[name])

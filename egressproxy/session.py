@@ -74,6 +74,7 @@ class Session:
             if timer.active():
                 timer.cancel()
         self._timers = []
+        self.front.finished()
         end = self.reactor.seconds()
         record = AccessRecord(
             start=self.start,
@@ -174,6 +175,12 @@ class Session:
             # Gone before its PROXY header: never admitted, but still a connection.
             self._stop_reading_header()
             self.listener.count_unadmitted(None)
+        if leg is up and up.peer is None and down is not None and not down.lost and self.front.upstream_lost(reason):
+            # Before the splice, a front may answer the client itself (a
+            # Postgres ErrorResponse, a TLS alert) rather than close it.
+            self.cluster.released(self.upstream_address)
+            self.up = None
+            return
         if reason.check(ConnectionLost) and not reason.check(ConnectionAborted) and self._ending_abruptly():
             # A reset, not a FIN; our own aborts (idle, linger) carry their own flag.
             self.flag("DC" if leg is down else "UC")
@@ -210,7 +217,7 @@ class Session:
         Flagging those would mark every TLS session as broken.
         """
         legs = [leg for leg in (self.down, self.up) if leg is not None]
-        return not any(leg.read_closed for leg in legs) and sum(leg.lost for leg in legs) <= 1
+        return not any(leg.read_closed or leg.write_closed for leg in legs) and sum(leg.lost for leg in legs) <= 1
 
     def refuse_overlong_preamble(self) -> None:
         """A client delivered more than a splice holds before connecting: drop it."""

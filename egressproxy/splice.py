@@ -62,7 +62,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Callable
 
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IHalfCloseableProtocol, ITransport
+from twisted.internet.interfaces import IHalfCloseableProtocol, ISSLTransport, ITransport
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -87,6 +87,20 @@ def unregister_producer(transport: ITransport) -> None:
         transport.unregisterProducer()  # type: ignore[attr-defined]
 
 
+def shut_write(transport: ITransport) -> None:
+    """Half-close: FIN after the buffered bytes (its producer already unregistered).
+
+    A TLS transport (Postgres origination, ``client_tls``) is closed with a
+    TLS close_notify instead, which still lets the peer's last bytes in: a
+    bare FIN under TLS leaves Twisted's TLS layer to crash when the peer's
+    close_notify arrives (its shutdown then runs ``connectionLost`` re-entrantly).
+    """
+    if ISSLTransport.providedBy(transport):
+        transport.loseConnection()
+    else:
+        transport.loseWriteConnection()  # type: ignore[attr-defined]
+
+
 @implementer(IHalfCloseableProtocol)
 class Leg(Protocol):
     """One side of a splice; see the module notes for the rules it follows."""
@@ -95,6 +109,8 @@ class Leg(Protocol):
     peer: Leg | None = None
     #: This leg has read EOF: it will deliver no more bytes.
     read_closed = False
+    #: Our FIN went out on this leg: we will write no more bytes.
+    write_closed = False
     #: This leg's connection is gone.
     lost = False
     #: While a preamble is read (note 6): told of an EOF instead of the peer.
@@ -141,10 +157,11 @@ class Leg(Protocol):
             self.close()
             peer.close()
         else:
-            peer.transport.loseWriteConnection()
+            shut_write(peer.transport)
 
     def writeConnectionLost(self) -> None:
         """Our FIN went out; bookkeeping only (TCP calls this after loseWriteConnection)."""
+        self.write_closed = True
 
     def close(self) -> None:
         """Flush and close this leg, in the order that cannot hang (note 3)."""
@@ -208,6 +225,6 @@ def join(down: DownstreamLeg, up: UpstreamLeg) -> None:
         # The client already sent EOF: it reads no more input from us
         # beyond what the upstream replies, so shut upstream's write side.
         up_transport.unregisterProducer()
-        up_transport.loseWriteConnection()
+        shut_write(up_transport)
     else:
         down_transport.resumeProducing()

@@ -14,4 +14,16 @@ def front_class(mode: str) -> type[Front]:
         from egressproxy.modes.base import Front
 
         return Front
+    if mode == "postgres":
+        from egressproxy.modes.postgres import PostgresFront
+
+        return PostgresFront
+    if mode == "http_connect":
+        from egressproxy.modes.http_connect import HttpConnectFront
+
+        return HttpConnectFront
+    if mode == "socks5":
+        from egressproxy.modes.socks5 import Socks5Front
+
+        return Socks5Front
     raise ValueError(f"no front for mode {mode!r}")

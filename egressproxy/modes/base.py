@@ -22,6 +22,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from twisted.python.failure import Failure
+
     from egressproxy.session import Session
     from egressproxy.splice import UpstreamLeg
 
@@ -49,3 +51,14 @@ class Front:
     def upstream_failed(self, flag: str, reason: str) -> None:
         """No upstream (``UF``, ``UT``, ``UO``): say why if the protocol can, then close."""
         self.session.close_downstream()
+
+    def upstream_lost(self, reason: Failure) -> bool:
+        """The upstream leg was lost before the splice, the client still connected.
+
+        Return True to keep the client and answer it (the session then
+        forgets that leg); False lets the session close the client.
+        """
+        return False
+
+    def finished(self) -> None:
+        """The session has ended: drop any per-session state (timers, registrations)."""
