@@ -34,7 +34,9 @@ FLAGS = {
     "UC": "upstream connection terminated abnormally (reset)",
     "RBAC": "source address not in the listener's allow_sources",
     "OM": "listener at max_connections (overload)",
-    "DPE": "downstream protocol error: no valid PROXY protocol header",
+    "DPE": "downstream protocol error: no valid PROXY protocol header, or a malformed, oversized, "
+    "unsupported or too slow forward-proxy request (HTTP, SOCKS5)",
+    "UAEX": "unauthorized: missing or wrong forward-proxy credentials (407, SOCKS5 auth failure)",
     "DT": "cut when drain_timeout expired during shutdown",
 }
 

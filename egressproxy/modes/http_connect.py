@@ -1,0 +1,245 @@
+"""``mode: http_connect``: an HTTP forward proxy (CONNECT tunnels, plain http:// requests).
+
+The conversation, for one client connection:
+
+1. Read one request head (``httpreq.HeadParser``: at most 16 KiB, within
+   ``HEADER_TIMEOUT`` seconds of admission; else ``431``/``414``/``400``/
+   ``408``).
+2. Find the destination: the authority of ``CONNECT host:port`` (the port
+   is required), or of an absolute ``http://host[:port]/...`` target (port
+   80 by default).  Anything else is ``400``: this is a proxy, not a server.
+3. With ``users`` configured, require ``Proxy-Authorization: Basic`` for
+   one of them, else ``407`` with ``Proxy-Authenticate: Basic
+   realm="egressproxy"`` (flag ``UAEX``).
+4. Match the destination against ``allow_destinations``, else ``403``
+   (flag ``NR``).  Nothing is dialled before these checks pass.
+5. Dial it through the listener's cluster: a refused connect, a name that
+   does not resolve or any other failure is ``502``, a connect timeout
+   ``504``, an open circuit breaker ``503``.
+6. CONNECT: answer ``200 Connection established`` and splice; from then on
+   bytes flow untouched (TLS stays end to end between client and origin).
+
+   Plain ``http://``: send the origin the request in origin-form with its
+   ``Host`` set from the URL, hop-by-hop and ``Proxy-*`` fields removed and
+   ``Connection: close`` added, then the body exactly as received
+   (``Content-Length`` or chunked), then splice the origin's response back
+   untouched.  **One request per client connection**: keep-alive is honoured
+   in the only way that needs no parsing of responses, by asking the origin
+   to close after its response, which the client sees as ``Connection:
+   close`` and an EOF, so it sends its next request on a new connection.
+   Bytes the client sends after the request's body (a pipelined request)
+   are dropped, never forwarded: they may carry ``Proxy-Authorization``,
+   and they may be meant for another origin.  RFC 9112 section 9.3.2 has
+   clients retry those on a new connection.
+
+Every refusal is answered with a short text body and ``Connection: close``,
+then the connection is closed (see ``forward.py`` for how).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from egressproxy.destinations import (
+    InvalidDestination,
+    allowed,
+    credentials_match,
+    parse_authority,
+    parse_basic,
+)
+from egressproxy.httpreq import (
+    CONNECTION_ESTABLISHED,
+    BodyReader,
+    HeadParser,
+    RequestError,
+    RequestHead,
+    body_framing,
+    forward_head,
+    response,
+    split_absolute_http,
+)
+from egressproxy.modes.forward import ForwardFront
+from egressproxy.splice import PENDING_LIMIT, UpstreamLeg
+
+if TYPE_CHECKING:
+    from egressproxy.session import Session
+
+#: Seconds a client has to send its whole request head (slowloris bound).
+HEADER_TIMEOUT = 10.0
+
+#: The challenge sent with 407.
+PROXY_AUTHENTICATE = ("Proxy-Authenticate", 'Basic realm="egressproxy"')
+
+#: What a failed connect tells the client, by the reason upstream.py classified.
+_CONNECT_FAILURES = {
+    "refused": "connection refused",
+    "dns": "the name does not resolve",
+    "unreachable": "no route to the destination",
+    "timeout": "connect timed out",
+}
+
+
+class HttpConnectFront(ForwardFront):
+    """One client connection of an ``http_connect`` listener; see the module docstring."""
+
+    def __init__(self, session: Session) -> None:
+        super().__init__(session)
+        self._parser = HeadParser()
+        #: For plain http:// requests: the head to send the origin, the body's
+        #: end, and body bytes read before the origin was connected.
+        self._origin_head: bytes | None = None
+        self._body: BodyReader | None = None
+        self._held = b""
+
+    def handshake_timeout(self) -> float:
+        return HEADER_TIMEOUT
+
+    def handshake_started(self) -> bool:
+        return self._parser.started
+
+    def refuse(self, flag: str, reason: str) -> None:
+        """Admission refused (``RBAC``, ``OM``): answer 403 or 503 and close."""
+        status = 403 if flag == "RBAC" else 503
+        self.session.write_downstream(response(status, reason))
+        self.session.close_downstream()
+
+    def handshake_timed_out(self) -> None:
+        self.answer_and_close(response(408, f"no complete request within {HEADER_TIMEOUT:g}s"))
+
+    def handshake_received(self, data: bytes) -> None:
+        try:
+            result = self._parser.feed(data)
+        except RequestError as e:
+            self.refuse_request(response(e.status, e.reason), e.reason)
+            return
+        if result is not None:
+            self.end_handshake()
+            self._serve(*result)
+
+    # -- policy ---------------------------------------------------------------
+
+    def _serve(self, head: RequestHead, rest: bytes) -> None:
+        try:
+            if head.method == "CONNECT":
+                dest = parse_authority(head.target)
+            else:
+                authority, origin_form = split_absolute_http(head.target)
+                dest = parse_authority(authority, default_port=80)
+                framing = body_framing(head)
+        except InvalidDestination as e:
+            self.refuse_request(response(400, f"bad destination: {e}"), f"bad destination: {e}")
+            return
+        except RequestError as e:
+            self.refuse_request(response(e.status, e.reason), e.reason)
+            return
+        self.session.upstream_name = str(dest)
+        config = self.session.listener.config
+        if config.users and not self._authenticated(head):
+            why = "missing credentials" if not head.values("proxy-authorization") else "wrong credentials"
+            self.refuse_credentials(response(407, "proxy credentials required", [PROXY_AUTHENTICATE]), why)
+            return
+        if not allowed(config.allow_destinations, dest):
+            self.refuse_destination(dest, response(403, f"destination {dest} is not allowed"), head.method)
+            return
+        down = self.session.down
+        assert down is not None
+        if head.method == "CONNECT":
+            down.end_preamble(rest)
+        else:
+            host = f"[{dest.host}]" if ":" in dest.host else dest.host
+            if dest.port != 80:
+                host += f":{dest.port}"
+            self._origin_head = forward_head(head, origin_form, host)
+            self._body = BodyReader(framing)
+            self._held = rest
+            # Body bytes wait here (the client is paused) until the origin is connected.
+            down.read_preamble(self._hold, self._eof_while_dialling)
+        self.dial(dest)
+
+    def _authenticated(self, head: RequestHead) -> bool:
+        values = head.values("proxy-authorization")
+        if len(values) != 1:
+            return False
+        credentials = parse_basic(values[0])
+        if credentials is None:
+            return False
+        return credentials_match(self.session.listener.config.users, *credentials)
+
+    # -- the upstream ---------------------------------------------------------
+
+    def upstream_connected(self, up: UpstreamLeg) -> None:
+        session = self.session
+        if self._origin_head is None:
+            session.write_downstream(CONNECTION_ESTABLISHED)
+            session.splice()
+            return
+        self._send_request(up)
+
+    def upstream_failed(self, flag: str, reason: str) -> None:
+        if flag == "UO":
+            status, detail = 503, "too many connections to this proxy's destinations"
+        else:
+            status = 504 if flag == "UT" else 502
+            detail = _CONNECT_FAILURES.get(reason, "cannot connect")
+        self.answer_and_close(response(status, f"{self.session.upstream_name}: {detail}"))
+
+    # -- plain http:// ----------------------------------------------------------
+
+    def _hold(self, data: bytes) -> None:
+        self._held += data
+        if len(self._held) > PENDING_LIMIT:
+            self.session.refuse_overlong_preamble()
+
+    def _eof_while_dialling(self) -> None:
+        """EOF while the origin connects: the splice replays it once joined (splice note 5)."""
+
+    def _send_request(self, up: UpstreamLeg) -> None:
+        """Write the rewritten head and the body so far, splice, then watch for the body's end."""
+        session = self.session
+        down = session.down
+        body = self._body
+        assert down is not None and body is not None and self._origin_head is not None
+        held, self._held = self._held, b""
+        try:
+            taken = body.feed(held)
+        except RequestError as e:
+            self._bad_body(e)
+            return
+        up.transport.write(self._origin_head + held[:taken])
+        down.end_preamble(b"")
+        session.splice()
+        if body.done:
+            down.read_preamble(self._after_request, self._client_eof)
+        else:
+            down.read_preamble(self._body_chunk, self._client_eof)
+
+    def _body_chunk(self, data: bytes) -> None:
+        """A chunk of the request body: forwarded up to the body's end, the rest dropped."""
+        session = self.session
+        body = self._body
+        assert body is not None and session.up is not None and session.down is not None
+        try:
+            taken = body.feed(data)
+        except RequestError as e:
+            self._bad_body(e)
+            return
+        if taken:
+            session.up.transport.write(data[:taken])  # type: ignore[union-attr]
+        if body.done:
+            session.down.read_preamble(self._after_request, self._client_eof)
+
+    def _after_request(self, data: bytes) -> None:
+        """Bytes after the request (pipelining): dropped, see the module docstring."""
+
+    def _client_eof(self) -> None:
+        """The client's EOF: hand it to the splice's half-close rule (splice note 2)."""
+        down = self.session.down
+        assert down is not None
+        down.end_preamble(b"")
+        down.readConnectionLost()
+
+    def _bad_body(self, error: RequestError) -> None:
+        """Malformed chunk framing after the head went out: the request is broken, drop both legs."""
+        self.session.flag("DPE")
+        self.note(error.reason, warn=True)
+        self.session.abort()
