@@ -12,6 +12,7 @@ from twisted.application.service import IService
 from twisted.python import usage
 
 from egressproxy.config import Config, ConfigError, load_config
+from egressproxy.limits import raise_fd_limit
 
 DEFAULT_CONFIG = "egressproxy.yaml"
 
@@ -48,7 +49,10 @@ def makeService(options: Options, reactor=None) -> IService:  # type: ignore[no-
         from twisted.internet import reactor  # noqa: PLC0415
     from egressproxy.service import EgressService
 
+    before, after = raise_fd_limit()
     service = EgressService(options.loaded, reactor)
+    if after != before:
+        service.log.info("file descriptor limit raised from {before} to {after}", before=before, after=after)
     # Under twistd, a drain (SIGTERM, SIGINT, POST /drain) ends the process
     # once complete, and SIGHUP reloads the config file.
     service.exit_after_drain = reactor.stop
