@@ -1223,6 +1223,19 @@ class _Builder:
             entries[key] = (key_node, value_node)
         return entries
 
+    def each(self, items: list[yaml.Node], path: Path, build: Callable[[yaml.Node, Path], T]) -> tuple[T, ...]:
+        """Build every item of a list, reporting each bad one; then one ``_Invalid`` if any was."""
+        built: list[T] = []
+        failed = False
+        for index, item in enumerate(items):
+            try:
+                built.append(build(item, path + (index,)))
+            except _Invalid:
+                failed = True
+        if failed:
+            raise _Invalid()
+        return tuple(built)
+
     def sequence(self, node: yaml.Node, path: Path, what: str) -> list[yaml.Node]:
         if not isinstance(node, yaml.SequenceNode):
             self.fail(node, path, f"expected a list of {what}, got {self._got(node)}")
@@ -1674,16 +1687,7 @@ class _Builder:
                 "an empty list would refuse every client; remove the key to "
                 "allow any source",
             )
-        networks: list[IPNetwork] = []
-        failed = False
-        for index, item in enumerate(items):
-            try:
-                networks.append(self._network(item, path + (index,)))
-            except _Invalid:
-                failed = True
-        if failed:
-            raise _Invalid()
-        return tuple(networks)
+        return self.each(items, path, self._network)
 
     def _network(self, node: yaml.Node, path: Path) -> IPNetwork:
         expected = (
@@ -1888,16 +1892,7 @@ class _Builder:
                 "an empty list would refuse every destination; list the HOST:PORT "
                 "destinations clients may reach (the proxy is never open to all)",
             )
-        rules: list[DestinationRule] = []
-        failed = False
-        for index, item in enumerate(items):
-            try:
-                rules.append(self._destination(item, path + (index,)))
-            except _Invalid:
-                failed = True
-        if failed:
-            raise _Invalid()
-        return tuple(rules)
+        return self.each(items, path, self._destination)
 
     def _destination(self, node: yaml.Node, path: Path) -> DestinationRule:
         value = self.scalar(node, path, "HOST:PORT")
@@ -2019,16 +2014,7 @@ class _Builder:
         items = self.sequence(node, path, "HOST:PORT endpoints")
         if not items:
             self.fail(node, path, f"{_ENDPOINT_HINT}: the list is empty")
-        addresses: list[Address] = []
-        failed = False
-        for index, item in enumerate(items):
-            try:
-                addresses.append(self._endpoint(item, path + (index,)))
-            except _Invalid:
-                failed = True
-        if failed:
-            raise _Invalid()
-        return tuple(addresses)
+        return self.each(items, path, self._endpoint)
 
     def _endpoint(self, node: yaml.Node, path: Path) -> Address:
         value = self.scalar(node, path, "HOST:PORT")

@@ -703,17 +703,22 @@ class PostgresFront(Front):
         self._write_up(SSL_REQUEST)
         self._await_upstream(self._hello_answer)
 
-    def _hello_answer(self) -> None:
+    def _tls_accepted(self) -> bool:
+        """The upstream answered our SSLRequest with ``S`` and nothing more; else say why."""
         self._disarm()
         answer = self._consume_upstream(1)
         if answer != ACCEPT:
             self._upstream_problem(self._no_tls_problem(answer))
-            return
+            return False
         if self._up_buffer:
             self._upstream_problem(self._protocol_problem("sent bytes after accepting TLS"))
-            return
-        # The ClientHello (still in the buffer, as received) goes first.
-        self._splice()
+            return False
+        return True
+
+    def _hello_answer(self) -> None:
+        if self._tls_accepted():
+            # The ClientHello (still in the buffer, as received) goes first.
+            self._splice()
 
     # A single cluster, an SSLRequest from the client.
 
@@ -752,13 +757,7 @@ class PostgresFront(Front):
         self._await_upstream(self._originate_answer)
 
     def _originate_answer(self) -> None:
-        self._disarm()
-        answer = self._consume_upstream(1)
-        if answer != ACCEPT:
-            self._upstream_problem(self._no_tls_problem(answer))
-            return
-        if self._up_buffer:
-            self._upstream_problem(self._protocol_problem("sent bytes after accepting TLS"))
+        if not self._tls_accepted():
             return
         if not self._start_upstream_tls():
             return
