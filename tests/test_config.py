@@ -17,6 +17,7 @@ import attrs
 import yaml
 from twisted.trial.unittest import SynchronousTestCase
 
+from egressproxy.configload import _Loader
 from egressproxy.config import (
     AccessLogConfig,
     Address,
@@ -33,7 +34,6 @@ from egressproxy.config import (
     ListenerConfig,
     PostgresRoute,
     User,
-    _Loader,
     load_config,
     parse_config,
     parse_duration,
