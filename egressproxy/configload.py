@@ -560,15 +560,25 @@ class _Builder:
             self.report(node, path, str(e))
             return None
 
-    def _build_listener(self, node: yaml.Node, path: Path) -> ListenerConfig | None:
+    def _named_entry(
+        self, node: yaml.Node, path: Path, keys: Sequence[str], required: tuple[str, ...], names: list[_Named]
+    ) -> tuple[_Fields, _FieldReader, str | None] | None:
+        """Open one named list entry: its fields, a reader, and its name (recorded in ``names``)."""
         try:
-            fields = self.mapping(node, path, _LISTENER_KEYS, ("name", "listen"))
+            fields = self.mapping(node, path, keys, required)
         except _Invalid:
             return None
-        read = _FieldReader(self, fields, path, ("name", "listen"))
+        read = _FieldReader(self, fields, path, required)
         name = read("name", self.name)
         if name is not None:
-            self.listener_names.append(_Named(name, fields["name"], path + ("name",)))
+            names.append(_Named(name, fields["name"], path + ("name",)))
+        return fields, read, name
+
+    def _build_listener(self, node: yaml.Node, path: Path) -> ListenerConfig | None:
+        entry = self._named_entry(node, path, _LISTENER_KEYS, ("name", "listen"), self.listener_names)
+        if entry is None:
+            return None
+        fields, read, name = entry
         listen = read("listen", self._listen)
         if listen is not None:
             self.listens.append((listen, fields["listen"], path + ("listen",)))
@@ -706,14 +716,10 @@ class _Builder:
         return len(self.errors) == before
 
     def _build_cluster(self, node: yaml.Node, path: Path) -> ClusterConfig | None:
-        try:
-            fields = self.mapping(node, path, _CLUSTER_KEYS, ("name", "endpoints"))
-        except _Invalid:
+        entry = self._named_entry(node, path, _CLUSTER_KEYS, ("name", "endpoints"), self.cluster_names)
+        if entry is None:
             return None
-        read = _FieldReader(self, fields, path, ("name", "endpoints"))
-        name = read("name", self.name)
-        if name is not None:
-            self.cluster_names.append(_Named(name, fields["name"], path + ("name",)))
+        fields, read, name = entry
         endpoints = read("endpoints", self._endpoints)
         connect_timeout = read("connect_timeout", self._connect_timeout, 5.0)
         max_connect_attempts = read("max_connect_attempts", self.positive, 3)
