@@ -65,6 +65,7 @@ from twisted.web.server import Site
 from egressproxy.accesslog import make_access_logger
 from egressproxy.admin import build_admin_site, build_metrics_site
 from egressproxy.addresses import format_host_port
+from egressproxy import fastdispatch
 from egressproxy.config import ClusterConfig, Config, ConfigError, HealthCheckConfig, ListenerConfig, load_config
 from egressproxy.health import HealthChecker
 from egressproxy.listen import ListenError, listen
@@ -216,6 +217,9 @@ class EgressService(MultiService):
             # startService without privilegedStartService (e.g. in tests).
             self.privilegedStartService()
         self._start_checkers(self.clusters)
+        # Spliced reads skip the reactor's per-event logging context (a no-op
+        # on reactors it does not know, such as the tests' memory reactors).
+        fastdispatch.install(self.reactor)
         if self.handle_signals:
             self.reactor.callWhenRunning(self._install_signal_handlers)
         super().startService()

@@ -67,6 +67,7 @@ from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from egressproxy.fastread import direct_reader
 from egressproxy.fastwrite import direct_writer
 from egressproxy.sockopts import tune_tcp
 
@@ -221,6 +222,10 @@ def join(down: DownstreamLeg, up: UpstreamLeg) -> None:
         leg.pending = []
         leg.pending_size = 0
         leg.forward = direct_writer(transport)
+    # From here on each chunk's route is fixed: let the transports hand
+    # what they read straight to their legs.
+    direct_reader(down_transport, down, down.dataReceived)
+    direct_reader(up_transport, up, up.dataReceived)
     if down.read_closed:
         # The client already sent EOF: it reads no more input from us
         # beyond what the upstream replies, so shut upstream's write side.

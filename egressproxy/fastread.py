@@ -1,0 +1,82 @@
+"""Reading a spliced socket straight into its leg, past Twisted's read chain.
+
+When epoll reports a TCP socket readable, Twisted's path to our code is
+``Connection.doRead`` -> ``_dataReceived`` -> ``protocol.dataReceived``, and
+for an upstream connection one more hop through the endpoint's
+``_WrappingProtocol``.  Each hop is a Python call that only passes the chunk
+along.  Once two legs are spliced nothing can change along that chain any
+more (TLS, where it is used, has been started by then), so :func:`direct_reader`
+gives the transport a ``doRead`` that does the same work in one frame: read,
+then hand the chunk to the leg.
+
+It behaves as ``Connection.doRead`` does in every outcome: a chunk goes to the
+leg; ``EWOULDBLOCK`` is nothing; any other error reports ``CONNECTION_LOST``;
+an empty read reports ``CONNECTION_DONE``, which the reactor turns into a
+half-close or a close exactly as before.  Pausing still works, because a
+paused transport is not polled for reading at all.
+
+The same function is also published as the transport's ``egress_read``
+attribute, which is what :mod:`egressproxy.fastdispatch` looks for to skip the
+reactor's per-event logging context as well.
+
+Only plain TCP transports whose protocol is the leg (directly or through the
+endpoint's wrapper) qualify; a TLS transport, or a protocol we do not know
+in between, keeps Twisted's own path.
+"""
+
+from __future__ import annotations
+
+from errno import EWOULDBLOCK
+from typing import Callable
+
+from twisted.internet import endpoints, main, tcp
+from twisted.internet.interfaces import IProtocol, ITransport
+
+#: The attribute the dispatch shortcut calls instead of ``doRead``.
+ATTRIBUTE = "egress_read"
+
+#: The wrapper ``HostnameEndpoint`` puts around a client protocol (private to
+#: Twisted, hence looked up softly: without it, upstream legs keep Twisted's path).
+_ENDPOINT_WRAPPER = getattr(endpoints, "_WrappingProtocol", None)
+
+
+def _delivers_to(transport: tcp.Connection, protocol: IProtocol) -> bool:
+    """Whether chunks read by ``transport`` reach ``protocol`` and nothing else."""
+    current = transport.protocol
+    if current is protocol:
+        return True
+    return (
+        _ENDPOINT_WRAPPER is not None
+        and type(current) is _ENDPOINT_WRAPPER
+        and getattr(current, "_wrappedProtocol", None) is protocol
+    )
+
+
+def direct_reader(transport: ITransport, protocol: IProtocol, deliver: Callable[[bytes], None]) -> bool:
+    """Make ``transport`` hand what it reads to ``deliver``; False if it does not qualify.
+
+    ``deliver`` must do what ``protocol.dataReceived`` does (normally it is
+    that very method).
+    """
+    if type(transport) not in (tcp.Server, tcp.Client) or transport.TLS:  # type: ignore[attr-defined]
+        return False
+    if not _delivers_to(transport, protocol):  # type: ignore[arg-type]
+        return False
+    recv = transport.socket.recv  # type: ignore[attr-defined]
+    size = transport.bufferSize  # type: ignore[attr-defined]
+    done = main.CONNECTION_DONE
+    lost = main.CONNECTION_LOST
+
+    def read() -> object:
+        try:
+            data = recv(size)
+        except OSError as e:
+            return None if e.args[0] == EWOULDBLOCK else lost
+        if data:
+            deliver(data)
+            return None
+        return done
+
+    transport.doRead = read  # type: ignore[attr-defined]
+    setattr(transport, ATTRIBUTE, read)
+    return True
