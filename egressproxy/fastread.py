@@ -7,7 +7,8 @@ for an upstream connection one more hop through the endpoint's
 along.  Once two legs are spliced nothing can change along that chain any
 more (TLS, where it is used, has been started by then), so :func:`direct_reader`
 gives the transport a ``doRead`` that does the same work in one frame: read,
-then hand the chunk to the leg.
+then hand the chunk to the leg.  It also reads more at a time (see
+:data:`READ_SIZE`).
 
 It behaves as ``Connection.doRead`` does in every outcome: a chunk goes to the
 leg; ``EWOULDBLOCK`` is nothing; any other error reports ``CONNECTION_LOST``;
@@ -31,6 +32,15 @@ from typing import Callable
 
 from twisted.internet import endpoints, main, tcp
 from twisted.internet.interfaces import IProtocol, ITransport
+
+#: Bytes asked for per read once spliced.  Twisted reads 64 KiB at a time;
+#: four times that roughly halves the reads and sends per megabyte of bulk
+#: traffic (iperf3 through the proxy: 9.7 -> 14.3 Gbit/s with 20% less CPU;
+#: 128 KiB gave 11.2, 1 MiB 14.2) and costs small messages nothing, since
+#: the unused part of a read is never kept.  A read is transient: what the
+#: proxy holds per direction stays bounded by the peer's write buffer
+#: (Twisted pauses the reader past 64 KiB) plus one read.
+READ_SIZE = 256 * 1024
 
 #: The attribute the dispatch shortcut calls instead of ``doRead``.
 ATTRIBUTE = "egress_read"
@@ -63,7 +73,7 @@ def direct_reader(transport: ITransport, protocol: IProtocol, deliver: Callable[
     if not _delivers_to(transport, protocol):  # type: ignore[arg-type]
         return False
     recv = transport.socket.recv  # type: ignore[attr-defined]
-    size = transport.bufferSize  # type: ignore[attr-defined]
+    size = READ_SIZE
     done = main.CONNECTION_DONE
     lost = main.CONNECTION_LOST
 

@@ -17,7 +17,8 @@ Invariants:
    producer: when the client stops reading and our write buffer towards it
    passes Twisted's high-water mark (64 KiB), the upstream transport is paused,
    so the kernel's receive window pushes back on the upstream.  What the proxy
-   holds per connection and direction is bounded by that buffer plus one read.
+   holds per connection and direction is bounded by that buffer plus one read
+   (64 KiB before the splice, ``fastread.READ_SIZE`` after it).
 
 2. **Half-close.**  Both legs provide ``IHalfCloseableProtocol``.  When leg A
    reads EOF, A will produce nothing more, so it is unregistered as B's
