@@ -930,6 +930,9 @@ class Config:
     )
     drain_timeout: float = attrs.field(default=25.0, validator=_check_non_negative_seconds)
     shutdown_delay: float = attrs.field(default=0.0, validator=_check_non_negative_seconds)
+    #: Worker processes sharing the listeners (``auto`` is resolved to the
+    #: CPUs this process may run on when the file is read).
+    workers: int = attrs.field(default=1, validator=_check_positive_int)
 
     def __attrs_post_init__(self) -> None:
         for kind, items in (("listener", self.listeners), ("cluster", self.clusters)):

@@ -122,6 +122,9 @@ def _kind(node: yaml.Node) -> str:
     return "a single value"
 
 
+#: The most ``workers`` accepted (beyond this, per-worker limits get too small to be useful).
+MAX_WORKERS = 64
+
 _TOP_KEYS = (
     "listeners",
     "clusters",
@@ -131,6 +134,7 @@ _TOP_KEYS = (
     "metrics",
     "drain_timeout",
     "shutdown_delay",
+    "workers",
 )
 _LISTENER_KEYS = (
     "name",
@@ -496,10 +500,13 @@ class _Builder:
         metrics = settings("metrics", self._http_service, DEFAULT_METRICS)
         drain_timeout = settings("drain_timeout", self.duration, 25.0)
         shutdown_delay = settings("shutdown_delay", self.duration, 0.0)
+        workers = settings("workers", self._workers, 1)
         self._check_names("listener", self.listener_names)
         self._check_names("cluster", self.cluster_names)
         self._check_cluster_refs()
         self._check_listens()
+        if isinstance(workers, int) and workers > 1:
+            self._check_shareable_listens(workers)
         if self.errors or listeners is None or clusters is None:
             return None
         if hosts is None or access_log is None or not settings.ok:
@@ -508,7 +515,7 @@ class _Builder:
             root, (), Config, source=self.source, listeners=listeners,
             clusters=clusters, hosts=hosts, access_log=access_log, admin=admin,
             metrics=metrics, drain_timeout=drain_timeout,
-            shutdown_delay=shutdown_delay,
+            shutdown_delay=shutdown_delay, workers=workers,
         )
 
     def _optional(
@@ -1356,6 +1363,34 @@ class _Builder:
                 ref.node, ref.path,
                 f"unknown cluster {ref.value!r} (defined clusters: {listing}){hint}",
             )
+
+    def _workers(self, node: yaml.Node, path: Path) -> int:
+        """``workers``: a count, or ``auto`` for one per CPU this process may use."""
+        expected = f"a whole number 1-{MAX_WORKERS} or auto"
+        value = self.scalar(node, path, expected)
+        if value == "auto":
+            return max(1, min(MAX_WORKERS, len(os.sched_getaffinity(0))))
+        if isinstance(value, str) and value.isascii() and value.isdigit():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_WORKERS:
+            self.fail(node, path, f"expected {expected}, got {_show(value)}")
+        return value
+
+    def _check_shareable_listens(self, workers: int) -> None:
+        """Each worker binds every listener itself (SO_REUSEPORT): only a named host:port can be shared."""
+        for listen, node, path in self.listens:
+            if node is None or path[0] != "listeners":
+                continue
+            if listen.port is None:
+                self.report(node, path, (
+                    f"{listen.text!r} cannot be shared by {workers} workers (each binds "
+                    f"its own socket with SO_REUSEPORT); use a host:port address or set workers: 1"
+                ))
+            elif listen.port == 0:
+                self.report(node, path, (
+                    f"port 0 cannot be shared by {workers} workers (each would get a "
+                    f"different port); name a port or set workers: 1"
+                ))
 
     def _check_listens(self) -> None:
         # Defaults first, then file order: of two clashing addresses the later

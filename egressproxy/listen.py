@@ -38,10 +38,17 @@ class ListenError(Exception):
     """A listener could not be bound; the message says which and why."""
 
 
-def _bound_socket(family: int, host: str, port: int, dual_stack: bool, backlog: int) -> socket.socket:
+def _bound_socket(
+    family: int, host: str, port: int, dual_stack: bool, backlog: int, reuse_port: bool = False
+) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            # Workers (egressproxy.workers) each bind the same address; the
+            # kernel spreads new connections over their accept queues.  Only
+            # sockets of the same user may join the group.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if dual_stack else 1)
         sock.bind((host, port))
@@ -58,21 +65,31 @@ def _ipv6_unavailable(e: OSError) -> bool:
     return e.errno in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL, errno.EPROTONOSUPPORT)
 
 
-def listen(reactor: IReactorCore, address: ListenAddress, factory: Factory, backlog: int = BACKLOG) -> IListeningPort:
-    """Bind ``address`` and start accepting connections for ``factory``."""
+def listen(
+    reactor: IReactorCore,
+    address: ListenAddress,
+    factory: Factory,
+    backlog: int = BACKLOG,
+    reuse_port: bool = False,
+) -> IListeningPort:
+    """Bind ``address`` and start accepting connections for ``factory``.
+
+    With ``reuse_port`` the socket joins the other workers' sockets on the
+    same address (host:port addresses only; the config loader enforces it).
+    """
     if address.description is not None:
         return _listen_description(reactor, address.description, factory)
     assert address.host is not None and address.port is not None
     family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
     try:
-        sock = _bound_socket(family, address.host, address.port, address.dual_stack, backlog)
+        sock = _bound_socket(family, address.host, address.port, address.dual_stack, backlog, reuse_port)
     except OSError as e:
         if not (address.dual_stack and _ipv6_unavailable(e)):
             raise ListenError(f"cannot listen on {address.text}: {e.strerror or e}") from e
         log.warn("IPv6 is not available here; {listen} listens on IPv4 only", listen=address.text)
         try:
             family = socket.AF_INET
-            sock = _bound_socket(family, "0.0.0.0", address.port, False, backlog)
+            sock = _bound_socket(family, "0.0.0.0", address.port, False, backlog, reuse_port)
         except OSError as e4:
             raise ListenError(f"cannot listen on {address.text}: {e4.strerror or e4}") from e4
     try:

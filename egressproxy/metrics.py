@@ -20,7 +20,7 @@ all bounded by the config and the code; client addresses never appear.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from typing import Protocol
+from typing import Any, Protocol
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.core import (
@@ -35,7 +35,10 @@ from prometheus_client.process_collector import ProcessCollector
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
+from egressproxy import snapshot
+from egressproxy.histogram import Histogram
 from egressproxy.listener import ListenerRuntime
+from egressproxy.snapshot import Snapshot
 from egressproxy.upstream import UpstreamCluster
 
 #: The results ``egressproxy_config_reloads_total`` always reports, 0 included.
@@ -48,6 +51,9 @@ class MetricsSource(Protocol):
     listeners: Mapping[str, ListenerRuntime]
     def all_clusters(self) -> Mapping[str, UpstreamCluster]: ...
     reloads: Mapping[str, int]
+    def worker_snapshots(self) -> list[Snapshot]:
+        """The other workers' counters (``workers: N``); empty with one worker."""
+        ...
 
 
 class EgressCollector:
@@ -55,7 +61,10 @@ class EgressCollector:
 
     Counter families are named without ``_total``: prometheus_client appends
     it.  Failure and rejection reasons are exported as the owning objects
-    record them; a reason they have not recorded yet has no series.
+    record them; a reason they have not recorded yet has no series.  With
+    several workers the connection, byte and failure figures are the sum
+    over all of them (:mod:`egressproxy.snapshot`); health and reloads are
+    this process's own.
     """
 
     def __init__(self, service: MetricsSource) -> None:
@@ -63,8 +72,11 @@ class EgressCollector:
 
     def collect(self) -> Iterator[Metric]:
         """Yield every egressproxy metric family with its current values."""
-        yield from self._listener_metrics()
-        yield from self._cluster_metrics()
+        totals = snapshot.take(self.service)
+        for other in self.service.worker_snapshots():
+            snapshot.add(totals, other, only_known=True)
+        yield from self._listener_metrics(totals["listeners"])
+        yield from self._cluster_metrics(totals["clusters"])
         reloads = CounterMetricFamily(
             "egressproxy_config_reloads", "Configuration reloads, by result.", labels=["result"]
         )
@@ -72,7 +84,7 @@ class EgressCollector:
             reloads.add_metric([result], self.service.reloads.get(result, 0))
         yield reloads
 
-    def _listener_metrics(self) -> Iterator[Metric]:
+    def _listener_metrics(self, listeners: Mapping[str, Mapping[str, Any]]) -> Iterator[Metric]:
         total = CounterMetricFamily(
             "egressproxy_downstream_connections",
             "Downstream connections accepted, including those rejected.",
@@ -98,16 +110,16 @@ class EgressCollector:
             "Bytes sent to downstream clients, live connections included.",
             labels=["listener"],
         )
-        for name, runtime in self.service.listeners.items():
-            total.add_metric([name], runtime.connections_total)
-            active.add_metric([name], runtime.active)
-            for reason, count in sorted(runtime.rejected.items()):
+        for name, entry in listeners.items():
+            total.add_metric([name], entry["connections"])
+            active.add_metric([name], entry["active"])
+            for reason, count in sorted(entry["rejected"].items()):
                 rejected.add_metric([name, reason], count)
-            received.add_metric([name], runtime.bytes_received)
-            sent.add_metric([name], runtime.bytes_sent)
+            received.add_metric([name], entry["received"])
+            sent.add_metric([name], entry["sent"])
         yield from (total, active, rejected, received, sent)
 
-    def _cluster_metrics(self) -> Iterator[Metric]:
+    def _cluster_metrics(self, clusters: Mapping[str, Mapping[str, Any]]) -> Iterator[Metric]:
         active = GaugeMetricFamily(
             "egressproxy_upstream_connections_active",
             "Established upstream connections open now.",
@@ -134,15 +146,23 @@ class EgressCollector:
             labels=["cluster", "endpoint"],
         )
         for name, cluster in self.service.all_clusters().items():
-            active.add_metric([name], cluster.breaker.active)
-            for reason, count in sorted(cluster.connect_failures.items()):
+            entry = clusters[name]
+            active.add_metric([name], entry["active"])
+            for reason, count in sorted(entry["failures"].items()):
                 failures.add_metric([name, reason], count)
-            overflows.add_metric([name], cluster.breaker.overflows)
-            histogram = cluster.connect_seconds
-            connect_seconds.add_metric([name], histogram.cumulative(), histogram.sum)
+            overflows.add_metric([name], entry["overflows"])
+            buckets = cumulative_buckets(cluster.connect_seconds.bounds, entry["buckets"])
+            connect_seconds.add_metric([name], buckets, entry["sum"])
             for address, state in cluster.endpoints.items():
                 healthy.add_metric([name, str(address)], 0 if state.healthy is False else 1)
         yield from (active, failures, overflows, connect_seconds, healthy)
+
+
+def cumulative_buckets(bounds: tuple[float, ...], counts: list[int]) -> list[tuple[str, int]]:
+    """Per-bucket counts as Prometheus ``(le, cumulative count)`` pairs ending with ``+Inf``."""
+    histogram = Histogram(bounds)
+    histogram.counts = list(counts)
+    return histogram.cumulative()
 
 
 def make_registry(service: MetricsSource) -> CollectorRegistry:

@@ -53,6 +53,7 @@ import signal
 import sys
 from typing import IO, Callable
 
+import attrs
 from twisted.application.service import MultiService
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address, IPv6Address
@@ -62,16 +63,18 @@ from twisted.logger import Logger
 
 from twisted.web.server import Site
 
+from egressproxy import fastdispatch
 from egressproxy.accesslog import make_access_logger
 from egressproxy.admin import build_admin_site, build_metrics_site
 from egressproxy.addresses import format_host_port
-from egressproxy import fastdispatch
 from egressproxy.config import ClusterConfig, Config, ConfigError, HealthCheckConfig, ListenerConfig, load_config
 from egressproxy.health import HealthChecker
 from egressproxy.listen import ListenError, listen
 from egressproxy.listener import ListenerFactory, ListenerRuntime
 from egressproxy.metrics import make_registry
+from egressproxy.snapshot import Snapshot
 from egressproxy.upstream import UpstreamCluster
+from egressproxy.workers import STOP_GRACE, ParentWatch, SnapshotSender, WorkerPool, share_limits, worker_argv
 
 
 def format_bound(port: IListeningPort) -> str:
@@ -93,8 +96,14 @@ class EgressService(MultiService):
         reactor: IReactorCore,
         access_stream: IO[str] | None = None,
         reload_config: Callable[[], Config] | None = None,
+        worker_index: int = 0,
     ) -> None:
         super().__init__()
+        #: 0 for the main worker (the only one with ``workers: 1``); see egressproxy.workers.
+        self.worker_index = worker_index
+        #: Fixed at start: a reload cannot change how many processes share the work.
+        self.worker_count = config.workers
+        config = self._prepare(config)
         self.config = config
         self.reactor = reactor
         self.access_stream = access_stream if access_stream is not None else sys.stdout
@@ -104,6 +113,10 @@ class EgressService(MultiService):
         self.exit_after_drain: Callable[[], None] | None = None
         #: Take over SIGTERM, SIGINT and SIGHUP once the reactor runs (twistd only).
         self.handle_signals = False
+        #: Start the other workers of ``workers: N`` (twistd's main worker only).
+        self.spawn_workers = False
+        self.pool: WorkerPool | None = None
+        self._snapshots: SnapshotSender | None = None
         self.clusters = {c.name: self._new_cluster(c) for c in config.clusters}
         #: Per listener without a ``cluster``: the limits for the destinations it picks.
         self.dynamic: dict[str, UpstreamCluster] = {}
@@ -123,6 +136,12 @@ class EgressService(MultiService):
         self._bound = False
         self._drained: defer.Deferred[None] | None = None
 
+    def _prepare(self, config: Config) -> Config:
+        """The config as this worker runs it: its share of the limits; HTTP services on the main worker only."""
+        if self.worker_index > 0:
+            config = attrs.evolve(config, admin=None, metrics=None)
+        return share_limits(config, self.worker_count)
+
     # -- state read by the HTTP services -----------------------------------
 
     @property
@@ -138,6 +157,10 @@ class EgressService(MultiService):
     def all_clusters(self) -> dict[str, UpstreamCluster]:
         """Configured and dynamic clusters, by the name metrics and admin show."""
         return {**self.clusters, **{c.name: c for c in self.dynamic.values()}}
+
+    def worker_snapshots(self) -> list[Snapshot]:
+        """The other workers' counters, for the metrics collector (main worker only)."""
+        return self.pool.snapshots() if self.pool is not None else []
 
     def clusters_get(self, name: str) -> UpstreamCluster | None:
         """The configured cluster called ``name`` now (reloads included), else None."""
@@ -182,7 +205,9 @@ class EgressService(MultiService):
 
     def _bind_listener(self, runtime: ListenerRuntime) -> IListeningPort:
         try:
-            port = listen(self.reactor, runtime.config.listen, ListenerFactory(runtime))
+            port = listen(
+                self.reactor, runtime.config.listen, ListenerFactory(runtime), reuse_port=self.worker_count > 1
+            )
         except ListenError as e:
             raise ListenError(f"listener {runtime.config.name!r}: {e}") from None
         self.log.info(
@@ -222,7 +247,20 @@ class EgressService(MultiService):
         fastdispatch.install(self.reactor)
         if self.handle_signals:
             self.reactor.callWhenRunning(self._install_signal_handlers)
+        if self.worker_index > 0:
+            self._watch_main_worker()
+        elif self.spawn_workers and self.worker_count > 1:
+            self.pool = WorkerPool(
+                self.reactor, self.worker_count, lambda index: worker_argv(self.config.source, index)
+            )
+            self.pool.start()
         super().startService()
+
+    def _watch_main_worker(self) -> None:
+        """A child worker: report counters to the main worker, drain when it is gone."""
+        self._snapshots = SnapshotSender(self)
+        self._snapshots.start()
+        self.reactor.addReader(ParentWatch(self.reactor, self.request_drain))  # type: ignore[attr-defined]
 
     def _install_signal_handlers(self) -> None:
         """SIGTERM and SIGINT drain, SIGHUP reloads.
@@ -276,6 +314,9 @@ class EgressService(MultiService):
     async def _drain(self) -> None:
         config = self.config
         self.draining = True
+        children: defer.Deferred[None] | None = None
+        if self.pool is not None:
+            children = self.pool.stop(config.shutdown_delay + config.drain_timeout + STOP_GRACE)
         self.log.info(
             "draining: /ready is 503; accepting for {delay}s more, then up to {timeout}s for {live} connections",
             delay=config.shutdown_delay,
@@ -294,6 +335,10 @@ class EgressService(MultiService):
         else:
             self.log.info("drained: no connections left")
         await self._stop_checkers(list(self.checkers))
+        if children is not None:
+            await children
+        if self._snapshots is not None:
+            self._snapshots.stop()  # the final counts
         stopping = [defer.maybeDeferred(port.stopListening) for port in self.http_ports.values()]
         self.http_ports.clear()
         await defer.gatherResults(stopping)
@@ -330,14 +375,18 @@ class EgressService(MultiService):
         if self.draining:
             return False, "draining: reload refused"
         try:
-            new = self._reload_config()
-            summary = self._apply(new)
+            loaded = self._reload_config()
+            summary = self._apply(self._prepare(loaded))
         except (ConfigError, ListenError) as e:
             self.reloads["error"] += 1
             self.log.error("reload failed; the running config stays in force:\n{error}", error=str(e))
             return False, str(e)
         self.reloads["success"] += 1
+        if loaded.workers != self.worker_count:
+            summary += f"; workers stays {self.worker_count} until a restart"
         self.log.info("config reloaded: {summary}", summary=summary)
+        if self.pool is not None:
+            self.pool.signal(signal.SIGHUP)
         return True, summary
 
     def _apply(self, new: Config) -> str:

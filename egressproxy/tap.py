@@ -28,7 +28,10 @@ class Options(usage.Options):
         "Run egressproxy: TCP listeners forwarding to upstream clusters. "
         "Without --config, $EGRESSPROXY_CONFIG, then ./egressproxy.yaml."
     )
-    optParameters = [["config", "c", None, "Path to the YAML configuration file."]]
+    optParameters = [
+        ["config", "c", None, "Path to the YAML configuration file."],
+        ["worker", None, 0, "Internal: set by the main worker on the extra workers of `workers: N`.", int],
+    ]
 
     loaded: Config
 
@@ -50,11 +53,12 @@ def makeService(options: Options, reactor=None) -> IService:  # type: ignore[no-
     from egressproxy.service import EgressService
 
     before, after = raise_fd_limit()
-    service = EgressService(options.loaded, reactor)
+    service = EgressService(options.loaded, reactor, worker_index=options["worker"])
     if after != before:
         service.log.info("file descriptor limit raised from {before} to {after}", before=before, after=after)
     # Under twistd, a drain (SIGTERM, SIGINT, POST /drain) ends the process
     # once complete, and SIGHUP reloads the config file.
     service.exit_after_drain = reactor.stop
     service.handle_signals = True
+    service.spawn_workers = True
     return service

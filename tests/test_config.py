@@ -296,6 +296,7 @@ class DefaultsTests(SynchronousTestCase):
                 ),
                 drain_timeout=25.0,
                 shutdown_delay=0.0,
+                workers=1,
             ),
         )
 
@@ -574,6 +575,248 @@ class OperationsTests(SynchronousTestCase):
         self.assertIs(config.listeners[0].proxy_protocol, True)
 
 
+# Listener on a named port, the only kind several workers can share; any
+# top-level key appended after it lands on line 8.
+SHARED = with_listener(listen='"127.0.0.1:5432"')
+
+
+def auto_workers() -> int:
+    """What workers: auto should come to here: the usable CPUs, clamped to 1-64."""
+    return max(1, min(64, len(os.sched_getaffinity(0))))
+
+
+class WorkersConfigTests(SynchronousTestCase):
+    """workers: how many processes share the listeners, and which listeners they can share."""
+
+    EXPECTED = "expected a whole number 1-64 or auto"
+    BAD = [
+        ("0", f"{EXPECTED}, got 0"),
+        ("65", f"{EXPECTED}, got 65"),
+        ("-1", f"{EXPECTED}, got -1"),
+        ("x", f"{EXPECTED}, got 'x'"),
+        ("Auto", f"{EXPECTED}, got 'Auto'"),
+        ("''", f"{EXPECTED}, got ''"),
+        ("2.5", f"{EXPECTED}, got 2.5"),
+        ("true", f"{EXPECTED}, got true"),
+        ("null", f"{EXPECTED}, got null"),
+        ("[2]", f"{EXPECTED}, got a list"),
+        ("{count: 2}", f"{EXPECTED}, got a mapping"),
+    ]
+
+    def cpus(self, count: int) -> None:
+        """Make os.sched_getaffinity report ``count`` usable CPUs."""
+        self.patch(os, "sched_getaffinity", lambda pid: set(range(count)))
+
+    def test_default_one(self) -> None:
+        """Without workers the proxy runs one process."""
+        self.assertEqual(parse(MINIMAL).workers, 1)
+
+    def test_number(self) -> None:
+        """A whole number is the number of workers."""
+        self.assertEqual(parse(SHARED + "workers: 4\n").workers, 4)
+
+    def test_bounds(self) -> None:
+        """1 and 64, the ends of the range, are accepted."""
+        self.assertEqual(
+            (parse(SHARED + "workers: 1\n").workers, parse(SHARED + "workers: 64\n").workers),
+            (1, 64),
+        )
+
+    def test_quoted_number(self) -> None:
+        """A digit string counts as the number it spells."""
+        self.assertEqual(parse(SHARED + "workers: '3'\n").workers, 3)
+
+    def test_from_variable(self) -> None:
+        """workers accepts the digit string a variable expands to."""
+        config = parse(SHARED + "workers: ${W}\n", {"W": "8"})
+        self.assertEqual(config.workers, 8)
+
+    def test_variable_default(self) -> None:
+        """${W:-2} gives 2 workers when W is unset."""
+        self.assertEqual(parse(SHARED + "workers: ${W:-2}\n").workers, 2)
+
+    def test_unset_variable(self) -> None:
+        """An unset variable in workers is reported like anywhere else."""
+        self.assertEqual(
+            errors(SHARED + "workers: ${W}\n"),
+            (
+                "egress.yaml:8: workers: environment variable W is not set; "
+                "set W or write ${W:-default}",
+            ),
+        )
+
+    def test_auto(self) -> None:
+        """auto is the number of CPUs this process may run on, clamped to 1-64."""
+        self.assertEqual(parse(SHARED + "workers: auto\n").workers, auto_workers())
+
+    def test_auto_from_variable(self) -> None:
+        """workers accepts the text auto from a variable."""
+        config = parse(SHARED + "workers: ${W}\n", {"W": "auto"})
+        self.assertEqual(config.workers, auto_workers())
+
+    def test_auto_clamped(self) -> None:
+        """auto gives at most 64 workers however many CPUs there are."""
+        self.cpus(200)
+        self.assertEqual(parse(SHARED + "workers: auto\n").workers, 64)
+
+    def test_auto_counts_affinity(self) -> None:
+        """auto follows the CPU affinity mask, not the machine's CPU count."""
+        self.cpus(3)
+        self.assertEqual(parse(SHARED + "workers: auto\n").workers, 3)
+
+    def test_bad(self) -> None:
+        """Each value that is neither 1-64 nor auto names itself and the expected forms."""
+        for value, message in self.BAD:
+            self.assertEqual(
+                (value, errors(SHARED + f"workers: {value}\n")),
+                (value, (f"egress.yaml:8: workers: {message}",)),
+            )
+
+    def test_bad_from_variable(self) -> None:
+        """A variable expanding to a bad count is refused like one written in the file."""
+        for value, shown in (("0", "0"), ("65", "65"), ("two", "'two'"), (" 2", "' 2'")):
+            self.assertEqual(
+                (value, errors(SHARED + "workers: ${W}\n", {"W": value})),
+                (value, (f"egress.yaml:8: workers: {self.EXPECTED}, got {shown}",)),
+            )
+
+    def test_port_zero_refused(self) -> None:
+        """Several workers cannot share a listener on port 0."""
+        self.assertEqual(
+            errors(MINIMAL + "workers: 2\n"),
+            (
+                "egress.yaml:3: listeners[0].listen: port 0 cannot be shared by 2 "
+                "workers (each would get a different port); name a port or set workers: 1",
+            ),
+        )
+
+    def test_description_refused(self) -> None:
+        """Several workers cannot share a listener given as a Twisted endpoint description."""
+        self.assertEqual(
+            errors(with_listener(listen="'unix:/tmp/x.sock'") + "workers: 3\n"),
+            (
+                "egress.yaml:3: listeners[0].listen: 'unix:/tmp/x.sock' cannot be shared "
+                "by 3 workers (each binds its own socket with SO_REUSEPORT); use a "
+                "host:port address or set workers: 1",
+            ),
+        )
+
+    def test_tcp_description_refused(self) -> None:
+        """A tcp: description is refused too, though it names a port."""
+        self.assertEqual(
+            errors(with_listener(listen="'tcp:6432'") + "workers: 2\n"),
+            (
+                "egress.yaml:3: listeners[0].listen: 'tcp:6432' cannot be shared "
+                "by 2 workers (each binds its own socket with SO_REUSEPORT); use a "
+                "host:port address or set workers: 1",
+            ),
+        )
+
+    def test_every_listener_checked(self) -> None:
+        """Each listener that cannot be shared gets its own error, in line order."""
+        self.assertEqual(
+            errors(
+                """\
+                listeners:
+                  - {name: a, listen: "127.0.0.1:5432", cluster: db}
+                  - {name: b, listen: "127.0.0.1:0", cluster: db}
+                  - {name: c, listen: "unix:/tmp/x.sock", cluster: db}
+                  - {name: d, listen: ":6432", cluster: db}
+                clusters:
+                  - {name: db, endpoints: ["db.example.com:5432"]}
+                workers: 4
+                """
+            ),
+            (
+                "egress.yaml:3: listeners[1].listen: port 0 cannot be shared by 4 "
+                "workers (each would get a different port); name a port or set workers: 1",
+                "egress.yaml:4: listeners[2].listen: 'unix:/tmp/x.sock' cannot be shared "
+                "by 4 workers (each binds its own socket with SO_REUSEPORT); use a "
+                "host:port address or set workers: 1",
+            ),
+        )
+
+    def test_named_ports_shared(self) -> None:
+        """Listeners on named ports, IPv4, IPv6 or all interfaces, can be shared."""
+        config = parse(
+            """\
+            listeners:
+              - {name: a, listen: "127.0.0.1:5432", cluster: db}
+              - {name: b, listen: "[::1]:5433", cluster: db}
+              - {name: c, listen: ":6432", cluster: db}
+            clusters:
+              - {name: db, endpoints: ["db.example.com:5432"]}
+            workers: 2
+            """
+        )
+        self.assertEqual(
+            (config.workers, [listener.listen.port for listener in config.listeners]),
+            (2, [5432, 5433, 6432]),
+        )
+
+    def test_one_worker_allows_any_listen(self) -> None:
+        """workers: 1 allows port 0 and endpoint descriptions."""
+        config = parse(
+            """\
+            listeners:
+              - {name: a, listen: "127.0.0.1:0", cluster: db}
+              - {name: b, listen: "unix:/tmp/x.sock", cluster: db}
+            clusters:
+              - {name: db, endpoints: ["db.example.com:5432"]}
+            workers: 1
+            """
+        )
+        self.assertEqual(
+            (config.workers, [listener.listen.text for listener in config.listeners]),
+            (1, ["127.0.0.1:0", "unix:/tmp/x.sock"]),
+        )
+
+    def test_services_not_checked(self) -> None:
+        """admin and metrics may use a description or port 0 with several workers."""
+        config = parse(
+            SHARED
+            + "admin: {listen: 'unix:/tmp/admin.sock'}\n"
+            + "metrics: {listen: '127.0.0.1:0'}\n"
+            + "workers: 2\n"
+        )
+        self.assertEqual(
+            (config.workers, config.admin, config.metrics),
+            (
+                2,
+                HttpServiceConfig(
+                    ListenAddress(
+                        "unix:/tmp/admin.sock", None, None, False,
+                        description="unix:/tmp/admin.sock",
+                    )
+                ),
+                HttpServiceConfig(ListenAddress("127.0.0.1:0", "127.0.0.1", 0, False, None)),
+            ),
+        )
+
+    def test_auto_checks_listens(self) -> None:
+        """auto that comes to several workers refuses port 0, naming the count."""
+        self.cpus(6)
+        self.assertEqual(
+            errors(MINIMAL + "workers: auto\n"),
+            (
+                "egress.yaml:3: listeners[0].listen: port 0 cannot be shared by 6 "
+                "workers (each would get a different port); name a port or set workers: 1",
+            ),
+        )
+
+    def test_auto_on_one_cpu_allows_any_listen(self) -> None:
+        """auto on a single usable CPU is one worker, so port 0 is fine."""
+        self.cpus(1)
+        self.assertEqual(parse(MINIMAL + "workers: auto\n").workers, 1)
+
+    def test_bad_count_skips_share_check(self) -> None:
+        """A bad workers value is the only error; the listeners are not judged against it."""
+        self.assertEqual(
+            errors(MINIMAL + "workers: 0\n"),
+            (f"egress.yaml:8: workers: {self.EXPECTED}, got 0",),
+        )
+
+
 class DurationTests(SynchronousTestCase):
     """parse_duration, the one reader of durations."""
 
@@ -704,7 +947,7 @@ class ErrorTests(SynchronousTestCase):
             (
                 "egress.yaml:8: unknown key 'zzz' (expected one of: listeners, "
                 "clusters, hosts, access_log, admin, metrics, drain_timeout, "
-                "shutdown_delay)",
+                "shutdown_delay, workers)",
             ),
         )
 
@@ -1217,7 +1460,7 @@ class ErrorTests(SynchronousTestCase):
             (
                 "egress.yaml:1: expected a mapping with keys listeners, clusters, "
                 "hosts, access_log, admin, metrics, drain_timeout, shutdown_delay, "
-                "got a list",
+                "workers, got a list",
             ),
         )
 

@@ -65,6 +65,11 @@ class FakeService:
         self.drain_requests = 0
         self.reload_result = (True, "reloaded: 2 listeners, 2 clusters")
         self.reload_calls = 0
+        #: What other workers reported (``workers: N``).
+        self.snapshots: list[dict] = []
+
+    def worker_snapshots(self) -> list[dict]:
+        return self.snapshots
 
     @property
     def ready(self) -> bool:
