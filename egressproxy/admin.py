@@ -32,8 +32,10 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
 
+from egressproxy import snapshot
 from egressproxy.listener import ListenerRuntime
 from egressproxy.metrics import RELOAD_RESULTS, MetricsResource
+from egressproxy.snapshot import Snapshot
 from egressproxy.upstream import UpstreamCluster
 
 GET_HEAD = (b"GET", b"HEAD")
@@ -56,6 +58,9 @@ class AdminTarget(Protocol):
     ready: bool
     draining: bool
     reloads: Mapping[str, int]
+
+    def worker_snapshots(self) -> list[Snapshot]:
+        """The other workers' counters (``workers: N``); empty with one worker."""
 
     def request_drain(self) -> None:
         """Start the drain and exit sequence; a second call does nothing."""
@@ -130,24 +135,33 @@ class ReadyResource(Resource):
 
 
 def stats_lines(service: AdminTarget) -> list[str]:
-    """Envoy-like ``name: value`` lines for every counter and gauge, sorted by name."""
+    """Envoy-like ``name: value`` lines for every counter and gauge, sorted by name.
+
+    With several workers, listener and cluster figures are the sum over all
+    of them (as in /metrics); the per-endpoint lines, pending dials, breaker
+    state and server lines are this (the main) worker's own.
+    """
     stats: dict[str, int] = {}
-    for name, runtime in service.listeners.items():
+    totals = snapshot.take(service)
+    for other in service.worker_snapshots():
+        snapshot.add(totals, other, only_known=True)
+    for name, entry in totals["listeners"].items():
         prefix = f"listener.{name}."
-        stats[prefix + "downstream_cx_total"] = runtime.connections_total
-        stats[prefix + "downstream_cx_active"] = runtime.active
-        for reason, count in runtime.rejected.items():
+        stats[prefix + "downstream_cx_total"] = entry["connections"]
+        stats[prefix + "downstream_cx_active"] = entry["active"]
+        for reason, count in entry["rejected"].items():
             stats[prefix + f"downstream_cx_rejected.{reason}"] = count
-        stats[prefix + "downstream_bytes_received"] = runtime.bytes_received
-        stats[prefix + "downstream_bytes_sent"] = runtime.bytes_sent
+        stats[prefix + "downstream_bytes_received"] = entry["received"]
+        stats[prefix + "downstream_bytes_sent"] = entry["sent"]
     for name, cluster in service.all_clusters().items():
         prefix = f"cluster.{name}."
+        entry = totals["clusters"][name]
         breaker = cluster.breaker
-        stats[prefix + "upstream_cx_active"] = breaker.active
-        stats[prefix + "upstream_cx_total"] = cluster.connections_total
-        for reason, count in cluster.connect_failures.items():
+        stats[prefix + "upstream_cx_active"] = entry["active"]
+        stats[prefix + "upstream_cx_total"] = entry["connections"]
+        for reason, count in entry["failures"].items():
             stats[prefix + f"upstream_cx_connect_fail.{reason}"] = count
-        stats[prefix + "upstream_cx_overflow"] = breaker.overflows
+        stats[prefix + "upstream_cx_overflow"] = entry["overflows"]
         stats[prefix + "upstream_rq_pending_active"] = breaker.pending
         stats[prefix + "circuit_breaker_open"] = int(breaker.open)
         for address, state in cluster.endpoints.items():

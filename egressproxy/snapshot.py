@@ -54,6 +54,7 @@ def take(service: SnapshotSource) -> Snapshot:
     clusters = {
         name: {
             "active": cluster.breaker.active,
+            "connections": cluster.connections_total,
             "failures": dict(cluster.connect_failures),
             "overflows": cluster.breaker.overflows,
             "buckets": list(cluster.connect_seconds.counts),
