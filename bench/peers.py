@@ -1,5 +1,6 @@
 """
-The peers compared: no proxy, egressproxy, HAProxy and socat.
+The peers compared: no proxy, egressproxy (one worker per CPU, and one
+worker), HAProxy and socat.
 
 What this module owns: each peer's configuration and how to start one
 instance of it on loopback in front of the benchmark's upstreams (the TLS
@@ -14,9 +15,9 @@ start when it cannot reserve two descriptors per connection), egressproxy's
 per-listener ``max_connections`` and per-cluster circuit breaker
 (``max_connections``, ``max_pending``; the defaults, 1024 and 128, would
 refuse parts of the 2,000 and 10,000 connection tests by design), and socat's
-listen backlog (5 by default). HAProxy runs one thread (``nbthread 1``):
-egressproxy is one Twisted reactor on one core, and the reference Fly.io
-deployment is a one-vCPU Machine, where HAProxy would start one thread too.
+listen backlog (5 by default). HAProxy runs its default of one thread per
+CPU, and ``egressproxy`` the same with ``workers: auto``; ``egressproxy-1w``
+is a single worker, as on a one-vCPU Fly Machine (where ``auto`` is 1 too).
 """
 
 from __future__ import annotations
@@ -25,12 +26,17 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from procs import Supervisor, wait_listening
 
-PEERS = ("direct", "egressproxy", "haproxy", "socat")
+PEERS = ("direct", "egressproxy", "egressproxy-1w", "haproxy", "socat")
+
+#: ``workers`` for each egressproxy peer: one per CPU (as HAProxy's default
+#: threads), and a single worker (what a one-vCPU Fly Machine runs).
+EGRESSPROXY_WORKERS = {"egressproxy": "auto", "egressproxy-1w": "1"}
 
 # The upstreams every instance forwards to, by the key used for its ports.
 UPSTREAMS = ("pg", "iperf", "echo")
@@ -74,7 +80,7 @@ def haproxy_maxconn(nofile: int) -> int:
     return max(100, min(20000, (nofile - 200) // 2))
 
 
-def egressproxy_config(ports: Mapping[str, int], upstreams: Mapping[str, int]) -> str:
+def egressproxy_config(ports: Mapping[str, int], upstreams: Mapping[str, int], workers: str = "1") -> str:
     listeners = []
     clusters = []
     for name in UPSTREAMS:
@@ -96,6 +102,7 @@ def egressproxy_config(ports: Mapping[str, int], upstreams: Mapping[str, int]) -
         "admin: false\n"
         "metrics: false\n"
         "drain_timeout: 2s\n"
+        f"workers: {workers}\n"
         "listeners:\n" + "".join(listeners) + "clusters:\n" + "".join(clusters)
     )
 
@@ -116,7 +123,6 @@ def haproxy_config(ports: Mapping[str, int], upstreams: Mapping[str, int], maxco
         "# written by bench/peers.py\n"
         "global\n"
         f"    maxconn {maxconn}\n"
-        "    nbthread 1\n"
         "\n"
         "defaults\n"
         "    mode tcp\n"
@@ -163,10 +169,10 @@ def start(
     log_path = os.path.join(workdir, f"{tag}.log")
     procs: list[subprocess.Popen[bytes]] = []
     listens: list[list[int]] = []  # the ports each process in procs binds
-    if peer == "egressproxy":
+    if peer in EGRESSPROXY_WORKERS:
         config_path = os.path.join(workdir, f"{tag}.yaml")
         with open(config_path, "w", encoding="utf-8") as f:
-            f.write(egressproxy_config(ports, upstreams))
+            f.write(egressproxy_config(ports, upstreams, EGRESSPROXY_WORKERS[peer]))
         env = dict(os.environ)
         env["PYTHONPATH"] = code_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         procs.append(supervisor.start(twistd_argv(config_path), log_path, env=env))
@@ -192,10 +198,32 @@ def start(
     try:
         for proc, bound in zip(procs, listens):
             wait_listening(proc, bound, _START_TIMEOUT, peer)
+        if peer in EGRESSPROXY_WORKERS:
+            # The main worker listens first; wait for every worker's listeners,
+            # or the first connections would all land on the main worker.
+            _wait_for_log(log_path, "(tcp) listening on", len(UPSTREAMS) * _worker_count(peer), procs[0], peer)
     except BaseException:
         stop(instance, supervisor)
         raise
     return instance
+
+
+def _worker_count(peer: str) -> int:
+    workers = EGRESSPROXY_WORKERS[peer]
+    return len(os.sched_getaffinity(0)) if workers == "auto" else int(workers)
+
+
+def _wait_for_log(path: str, text: str, count: int, proc: subprocess.Popen[bytes], what: str) -> None:
+    """Wait until ``text`` appears ``count`` times in the log at ``path``."""
+    deadline = time.monotonic() + _START_TIMEOUT
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with status {proc.returncode} while starting its workers")
+        with open(path, encoding="utf-8", errors="replace") as f:
+            if f.read().count(text) >= count:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"{what}: {count} listeners were not up after {_START_TIMEOUT:.0f}s (see {path})")
 
 
 def stop(instance: Instance, supervisor: Supervisor) -> None:

@@ -290,6 +290,19 @@ def fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+def tree_fd_count(pid: int) -> int:
+    """
+    Open descriptors of ``pid`` and its descendants (egressproxy's workers).
+    """
+    total = 0
+    for member in process_tree(pid):
+        try:
+            total += fd_count(member)
+        except OSError:
+            pass  # exited meanwhile
+    return total
+
+
 def nofile_limit(pid: int) -> int | None:
     """
     The soft descriptor limit of a running process, from /proc/PID/limits.

@@ -335,28 +335,32 @@ class Run:
         try:
             workloads.held_connections(port, 10, dict)
             time.sleep(0.5)
-            fd_baseline = procs.fd_count(pid)
+            # Every worker process counts: descriptors are summed over the
+            # tree, and each worker has its own descriptor limit.
+            workers = len(procs.process_tree(pid))
+            fd_baseline = procs.tree_fd_count(pid)
             pss_baseline = procs.tree_pss_kib(pid)
-            fd_limit = procs.nofile_limit(pid)
+            per_process_limit = procs.nofile_limit(pid)
+            fd_limit = per_process_limit * workers if per_process_limit is not None else None
             fd_needed = 2 * n + fd_baseline
-            self.say(f"c10k: {n:,} connections through egressproxy (descriptors: baseline {fd_baseline}, limit {fd_limit}, needed {fd_needed:,})")
+            self.say(f"c10k: {n:,} connections through egressproxy, {workers} worker(s) (descriptors: baseline {fd_baseline}, limit {fd_limit}, needed {fd_needed:,})")
             if fd_limit is not None and fd_limit < fd_needed:
                 self.notes.append(
-                    f"The proxy's descriptor limit ({fd_limit:,}) is below what {n:,} proxied connections need "
+                    f"The proxy's descriptor limit ({fd_limit:,} over {workers} worker(s)) is below what {n:,} proxied connections need "
                     f"(2 per connection + {fd_baseline} = {fd_needed:,}); this machine's hard limit cannot be raised "
                     "(no CAP_SYS_RESOURCE), so some connections are expected to fail for want of descriptors."
                 )
 
             def measure() -> dict[str, Any]:
                 time.sleep(1.0)
-                return {"fd_held": procs.fd_count(pid), "pss_held_kib": procs.tree_pss_kib(pid)}
+                return {"fd_held": procs.tree_fd_count(pid), "pss_held_kib": procs.tree_pss_kib(pid)}
 
             result = workloads.held_connections(port, n, measure, concurrency=200, deadline_seconds=300)
             settle_started = time.monotonic()
-            fd_after = procs.fd_count(pid)
+            fd_after = procs.tree_fd_count(pid)
             while fd_after > fd_baseline and time.monotonic() - settle_started < 60:
                 time.sleep(0.2)
-                fd_after = procs.fd_count(pid)
+                fd_after = procs.tree_fd_count(pid)
             result["fd_settle_seconds"] = time.monotonic() - settle_started
             result.update(
                 fd_baseline=fd_baseline,
@@ -364,6 +368,7 @@ class Run:
                 fd_back_to_baseline=fd_after <= fd_baseline,
                 fd_limit=fd_limit,
                 fd_needed=fd_needed,
+                workers=workers,
                 pss_baseline_kib=pss_baseline,
                 kib_per_conn=(result["pss_held_kib"] - pss_baseline) / result["accepted"] if result["accepted"] else None,
             )
