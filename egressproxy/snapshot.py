@@ -35,6 +35,63 @@ class SnapshotSource(Protocol):
     def all_clusters(self) -> dict[str, UpstreamCluster]: ...
 
 
+#: The fields of each entry and their kinds: what :func:`clean` accepts.
+_FIELDS = {
+    "listeners": {"connections": "count", "active": "count", "rejected": "reasons", "received": "count", "sent": "count"},
+    "clusters": {
+        "active": "count", "connections": "count", "failures": "reasons", "overflows": "count",
+        "buckets": "counts", "sum": "number",
+    },
+}
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _clean_field(kind: str, value: object) -> object:
+    """``value`` if it is of ``kind``, else None."""
+    if kind == "count":
+        return value if _is_count(value) else None
+    if kind == "number":
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0
+        return float(value) if ok else None  # type: ignore[arg-type]
+    if kind == "reasons":
+        if isinstance(value, dict) and all(isinstance(k, str) and _is_count(v) for k, v in value.items()):
+            return dict(value)
+        return None
+    if isinstance(value, list) and all(_is_count(v) for v in value):  # "counts"
+        return list(value)
+    return None
+
+
+def clean(value: object) -> Snapshot | None:
+    """A snapshot received from another process, checked field by field; None if it is not one.
+
+    Only known fields of the right kind are kept, so whatever a worker sends
+    (another build during an upgrade, a bug) can never break a scrape.
+    """
+    if not isinstance(value, dict):
+        return None
+    result: Snapshot = empty()
+    for section, fields in _FIELDS.items():
+        entries = value.get(section, {})
+        if not isinstance(entries, dict):
+            return None
+        for name, entry in entries.items():
+            if not isinstance(name, str) or not isinstance(entry, dict):
+                return None
+            kept = {}
+            for key, kind in fields.items():
+                if key in entry:
+                    field = _clean_field(kind, entry[key])
+                    if field is None:
+                        return None
+                    kept[key] = field
+            result[section][name] = kept
+    return result
+
+
 def empty() -> Snapshot:
     return {"listeners": {}, "clusters": {}}
 

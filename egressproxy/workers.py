@@ -141,10 +141,10 @@ class WorkerProcess(ProcessProtocol):
             self._partial = b""
         for line in reversed(lines):
             try:
-                value = json.loads(line)
-            except ValueError:
+                value = snapshot.clean(json.loads(line))
+            except (ValueError, RecursionError):
                 continue
-            if isinstance(value, dict):
+            if value is not None:
                 self.snapshot = value
                 break
 
