@@ -74,7 +74,15 @@ from egressproxy.listener import ListenerFactory, ListenerRuntime
 from egressproxy.metrics import make_registry
 from egressproxy.snapshot import Snapshot
 from egressproxy.upstream import UpstreamCluster
-from egressproxy.workers import STOP_GRACE, ParentWatch, SnapshotSender, WorkerPool, share_limits, worker_argv
+from egressproxy.workers import (
+    STOP_GRACE,
+    ParentWatch,
+    SnapshotSender,
+    WorkerPool,
+    share_cluster_limits,
+    share_limits,
+    worker_argv,
+)
 
 
 def format_bound(port: IListeningPort) -> str:
@@ -181,6 +189,7 @@ class EgressService(MultiService):
             return clusters[listener.cluster]
         if listener.name not in self.dynamic:
             config = ClusterConfig(name=listener.name, endpoints=(), health_check=HealthCheckConfig(kind="none"))
+            config = share_cluster_limits(config, self.worker_count)
             self.dynamic[listener.name] = self._new_cluster(config, f"{listener.name}.dynamic")
         return self.dynamic[listener.name]
 

@@ -21,7 +21,8 @@ queues.  Nothing is passed between processes but signals and counters, so a
 reload binds new ports in each worker the way a single worker does.
 
 - **Limits** (a listener's or a cluster's ``max_connections``, a cluster's
-  ``max_pending``) are split: each worker enforces ``limit // N`` (at least 1),
+  ``max_pending``, also those of a forward proxy's per-listener dynamic
+  cluster) are split: each worker enforces ``limit // N`` (at least 1),
   so the proxy as a whole never exceeds the configured number (for limits of
   at least N).  The cost: one worker can refuse while another has room.
 - **Metrics**: each child sends a :mod:`~egressproxy.snapshot` of its
@@ -59,7 +60,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from egressproxy import snapshot
-from egressproxy.config import Config
+from egressproxy.config import ClusterConfig, Config
 from egressproxy.snapshot import Snapshot
 
 if TYPE_CHECKING:
@@ -79,23 +80,31 @@ STOP_GRACE = 5.0
 log = Logger()
 
 
+def _share(limit: int, workers: int) -> int:
+    return max(1, limit // workers)
+
+
+def share_cluster_limits(cluster: ClusterConfig, workers: int) -> ClusterConfig:
+    """One cluster's breaker limits divided between ``workers`` processes."""
+    if workers <= 1:
+        return cluster
+    return attrs.evolve(
+        cluster,
+        max_connections=_share(cluster.max_connections, workers),
+        max_pending=_share(cluster.max_pending, workers),
+    )
+
+
 def share_limits(config: Config, workers: int) -> Config:
     """``config`` with every connection limit divided between ``workers`` processes."""
     if workers <= 1:
         return config
-
-    def share(limit: int) -> int:
-        return max(1, limit // workers)
-
     return attrs.evolve(
         config,
         listeners=tuple(
-            attrs.evolve(l, max_connections=share(l.max_connections)) for l in config.listeners
+            attrs.evolve(l, max_connections=_share(l.max_connections, workers)) for l in config.listeners
         ),
-        clusters=tuple(
-            attrs.evolve(c, max_connections=share(c.max_connections), max_pending=share(c.max_pending))
-            for c in config.clusters
-        ),
+        clusters=tuple(share_cluster_limits(c, workers) for c in config.clusters),
     )
 
 

@@ -18,6 +18,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from egressproxy import snapshot, workers
 from egressproxy.config import Config, parse_config
 from egressproxy.listener import REJECT_REASONS
+from egressproxy.service import EgressService
 from egressproxy.upstream import CONNECT_FAILURE_REASONS
 from egressproxy.workers import (
     MAX_SNAPSHOT_LINE,
@@ -1031,3 +1032,29 @@ class DataflowTests(PipeMixin, SynchronousTestCase):
         for i in range(0, len(data), 7):
             worker.childDataReceived(SNAPSHOT_FD, data[i:i + 7])
         self.assertEqual(worker.snapshot, json.loads(json.dumps(snapshot.take(service))))
+
+
+class ServiceShareTests(SynchronousTestCase):
+    """An EgressService of ``workers: 2`` runs its share of every limit, dynamic clusters included."""
+
+    def test_service_limits_shared(self) -> None:
+        """Listener, cluster and a forward proxy's dynamic cluster limits are halved with two workers."""
+        config = parse_config(
+            "workers: 2\n"
+            "admin: false\n"
+            "metrics: false\n"
+            "listeners:\n"
+            '  - {name: t, listen: "127.0.0.1:7000", cluster: c, max_connections: 100}\n'
+            '  - {name: fwd, listen: "127.0.0.1:7001", mode: http_connect, allow_destinations: ["api.egress.test:443"]}\n'
+            "clusters:\n"
+            '  - {name: c, endpoints: ["127.0.0.1:7002"], max_connections: 10, max_pending: 3}\n',
+            "t.yaml",
+            {},
+        )
+        service = EgressService(config, MemoryReactorClock())
+        self.assertEqual(service.listeners["t"].config.max_connections, 50)
+        self.assertEqual(
+            (service.clusters["c"].breaker.max_connections, service.clusters["c"].breaker.max_pending), (5, 1)
+        )
+        dynamic = service.dynamic["fwd"].breaker
+        self.assertEqual((dynamic.max_connections, dynamic.max_pending), (1024 // 2, 128 // 2))
