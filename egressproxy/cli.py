@@ -49,9 +49,10 @@ def _check_config(args: argparse.Namespace, io: _IO) -> int:
         for error in e.errors:
             print(error, file=io.stderr)
         return 1
+    workers = f", {config.workers} workers" if config.workers > 1 else ""
     print(
         f"{args.file}: OK ({_plural(len(config.listeners), 'listener')}, "
-        f"{_plural(len(config.clusters), 'cluster')})",
+        f"{_plural(len(config.clusters), 'cluster')}{workers})",
         file=io.stdout,
     )
     return 0

@@ -60,6 +60,14 @@ class CheckConfigTests(SynchronousTestCase):
             (0, f"{path}: OK (2 listeners, 1 cluster)\n", ""),
         )
 
+    def test_good_file_with_workers(self) -> None:
+        """The summary names the worker count when there is more than one."""
+        path = self.write(GOOD + "workers: 3\n")
+        self.assertEqual(
+            self.run_cli("check-config", path, environ={"PG_HOST": "db.test"}),
+            (0, f"{path}: OK (2 listeners, 1 cluster, 3 workers)\n", ""),
+        )
+
     def test_bad_file(self) -> None:
         """An invalid file prints every error to stderr, one per line, and exits 1."""
         path = self.write(BAD)
