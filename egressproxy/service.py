@@ -42,6 +42,14 @@ accepting while their live connections carry on undisturbed; added ones
 start.  The admin and metrics addresses are fixed at start-up: a change to
 them is reported and needs a restart.
 
+**Workers** (``workers: N``, :mod:`egressproxy.workers`).  Each process runs
+one of these services with its share of the limits (``_prepare``).  The main
+worker (index 0) alone serves admin and metrics, starts the others once its
+ports are bound, adds their counters to its scrapes, passes a successful
+reload on, and stops them as its drain begins (its drain completes when they
+have exited).  The others report their counters and drain when the main
+worker goes away.
+
 Rejected alternative: building a fresh service tree per reload and swapping
 it in.  It would reset every counter and orphan live sessions' accounting.
 """
