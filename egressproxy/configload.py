@@ -331,6 +331,13 @@ class _Builder:
             self.fail(node, path, f"expected a list of {what}, got {self._got(node)}")
         return list(node.value)
 
+    def non_empty_sequence(self, node: yaml.Node, path: Path, what: str, when_empty: str) -> list[yaml.Node]:
+        """A list of ``what`` that may not be empty; ``when_empty`` says why and what to do."""
+        items = self.sequence(node, path, what)
+        if not items:
+            self.fail(node, path, when_empty)
+        return items
+
     # -- scalars ------------------------------------------------------------
 
     def construct(self, node: yaml.Node, path: Path) -> object:
@@ -779,13 +786,10 @@ class _Builder:
     def _allow_sources(self, node: yaml.Node, path: Path) -> tuple[IPNetwork, ...] | None:
         if _is_null(node):
             return None
-        items = self.sequence(node, path, "CIDRs or IP addresses")
-        if not items:
-            self.fail(
-                node, path,
-                "an empty list would refuse every client; remove the key to "
-                "allow any source",
-            )
+        items = self.non_empty_sequence(
+            node, path, "CIDRs or IP addresses",
+            "an empty list would refuse every client; remove the key to allow any source",
+        )
         return self.each(items, path, self._network)
 
     def _network(self, node: yaml.Node, path: Path) -> IPNetwork:
@@ -821,15 +825,10 @@ class _Builder:
         return value
 
     def _routes(self, node: yaml.Node, path: Path) -> tuple[PostgresRoute, ...]:
-        items = self.sequence(
-            node, path, "routes ({sni: NAME, cluster: NAME} or {sni: NAME, upstream: HOST:PORT})"
+        items = self.non_empty_sequence(
+            node, path, "routes ({sni: NAME, cluster: NAME} or {sni: NAME, upstream: HOST:PORT})",
+            "an empty list would refuse every connection; give at least one route, or use cluster instead",
         )
-        if not items:
-            self.fail(
-                node, path,
-                "an empty list would refuse every connection; give at least one "
-                "route, or use cluster instead",
-            )
         routes: list[PostgresRoute] = []
         first: dict[str, _Named] = {}
         failed = False
@@ -984,13 +983,11 @@ class _Builder:
     def _allow_destinations(
         self, node: yaml.Node, path: Path
     ) -> tuple[DestinationRule, ...]:
-        items = self.sequence(node, path, "HOST:PORT destinations")
-        if not items:
-            self.fail(
-                node, path,
-                "an empty list would refuse every destination; list the HOST:PORT "
-                "destinations clients may reach (the proxy is never open to all)",
-            )
+        items = self.non_empty_sequence(
+            node, path, "HOST:PORT destinations",
+            "an empty list would refuse every destination; list the HOST:PORT "
+            "destinations clients may reach (the proxy is never open to all)",
+        )
         return self.each(items, path, self._destination)
 
     def _destination(self, node: yaml.Node, path: Path) -> DestinationRule:
@@ -1110,9 +1107,7 @@ class _Builder:
         return value
 
     def _endpoints(self, node: yaml.Node, path: Path) -> tuple[Address, ...]:
-        items = self.sequence(node, path, "HOST:PORT endpoints")
-        if not items:
-            self.fail(node, path, f"{_ENDPOINT_HINT}: the list is empty")
+        items = self.non_empty_sequence(node, path, "HOST:PORT endpoints", f"{_ENDPOINT_HINT}: the list is empty")
         return self.each(items, path, self._endpoint)
 
     def _endpoint(self, node: yaml.Node, path: Path) -> Address:
