@@ -26,8 +26,21 @@ be survived, so durability only costs time. ``max_connections = 200`` leaves
 room for ``pgbench -c`` through the proxy; ``shared_buffers = 32MB`` keeps
 the server small on CI machines.
 
-Limits: one server per ``PostgresServer``; trust authentication only (no
-passwords, no client certificates); a test process killed with SIGKILL leaves
+Authentication is a managed provider's: TCP clients must use TLS
+(``hostssl`` only; a plaintext TCP startup gets "no pg_hba.conf entry ... no
+encryption") and SCRAM-SHA-256 with a password per role
+(``password_encryption = scram-sha-256``), so a test that passes here passes
+against Neon, Supabase or RDS.  The superuser ``postgres`` has the password
+``SUPERUSER_PASSWORD``, which ``dsn()`` puts in every connection string unless
+told otherwise; ``create_role`` adds more roles.  Two role names are set
+aside for tests *about* older methods: ``md5_user`` authenticates with md5
+and ``password_user`` with a cleartext password (both over ``hostssl``);
+``rejected_user`` meets a ``reject`` line (SQLSTATE 28000, what a missing
+pg_hba entry gives).
+Only the unix socket, used for setup SQL, trusts its local OS user: it is
+never what a test exercises.
+
+Limits: one server per ``PostgresServer``; no client certificates; a test process killed with SIGKILL leaves
 its server running (``atexit`` does not run), and its directory under
 ``/tmp`` named ``egressproxy-pg-*``.
 """
@@ -51,6 +64,13 @@ from tests.tlsfixtures import TestCA
 
 SERVER_OS_USER = "postgres"
 SUPERUSER = "postgres"
+#: The superuser's password over TCP (SCRAM); tests may print it.
+SUPERUSER_PASSWORD = "egress-test-superuser"
+#: Role names whose pg_hba line uses an older method than SCRAM.
+MD5_ROLE = "md5_user"
+PASSWORD_ROLE = "password_user"
+#: A role pg_hba rejects outright (SQLSTATE 28000, as for a missing entry).
+REJECTED_ROLE = "rejected_user"
 
 _NO_BINARIES = (
     "PostgreSQL server binaries not found (initdb): "
@@ -266,6 +286,7 @@ class PostgresServer:
         try:
             server._create(owner)
             server._launch()
+            server.create_role(SUPERUSER, SUPERUSER_PASSWORD, create=False)
         except BaseException:
             server.stop()
             raise
@@ -301,8 +322,8 @@ class PostgresServer:
             "initdb",
             "-D",
             self.datadir,
-            "-A",
-            "trust",
+            "--auth-local=trust",
+            "--auth-host=scram-sha-256",
             "-U",
             SUPERUSER,
             "--no-sync",
@@ -329,10 +350,18 @@ class PostgresServer:
                 os.chown(target, owner.pw_uid, owner.pw_gid)
         self._rewrite_owned(
             "pg_hba.conf",
-            "# written by tests/integration/pgserver.py\n"
+            "# written by tests/integration/pgserver.py: like a managed provider,\n"
+            "# TCP only over TLS and with SCRAM (two roles set aside for md5 and\n"
+            "# cleartext tests); the unix socket is for the tests' own setup SQL.\n"
             "local all all trust\n"
-            "host all all 127.0.0.1/32 trust\n"
-            "host all all ::1/128 trust\n",
+            f"hostssl all {REJECTED_ROLE} 127.0.0.1/32 reject\n"
+            f"hostssl all {REJECTED_ROLE} ::1/128 reject\n"
+            f"hostssl all {MD5_ROLE} 127.0.0.1/32 md5\n"
+            f"hostssl all {MD5_ROLE} ::1/128 md5\n"
+            f"hostssl all {PASSWORD_ROLE} 127.0.0.1/32 password\n"
+            f"hostssl all {PASSWORD_ROLE} ::1/128 password\n"
+            "hostssl all all 127.0.0.1/32 scram-sha-256\n"
+            "hostssl all all ::1/128 scram-sha-256\n",
         )
         with open(os.path.join(self.datadir, "postgresql.conf"), encoding="utf-8") as f:
             self._initdb_conf = f.read()
@@ -352,6 +381,7 @@ class PostgresServer:
             "listen_addresses": _conf_string(listen),
             "unix_socket_directories": _conf_string(self.datadir),
             "ssl": "on",
+            "password_encryption": "'scram-sha-256'",
             "ssl_cert_file": _conf_string(os.path.join(self.datadir, "server.crt")),
             "ssl_key_file": _conf_string(os.path.join(self.datadir, "server.key")),
             "fsync": "off",
@@ -441,6 +471,9 @@ class PostgresServer:
         verify-ca and verify-full. ``extra`` adds or overrides keys
         (``connect_timeout`` is 10 unless given); a None value leaves a key out.
 
+        ``password`` is the superuser's unless given (pass ``password=None``
+        to leave it out, e.g. to see the server refuse a login without one).
+
         ``gssencmode=disable`` is a default too: with a Kerberos ticket
         around (a developer machine), libpq would otherwise open with a
         GSSENCRequest rather than the SSLRequest the tests expect.
@@ -455,6 +488,7 @@ class PostgresServer:
         }
         if sslmode in ("verify-ca", "verify-full"):
             params["sslrootcert"] = self.ca_path
+        params["password"] = SUPERUSER_PASSWORD if user == SUPERUSER else role_password(user)
         params["connect_timeout"] = 10
         params["gssencmode"] = "disable"
         params.update(extra)
@@ -501,6 +535,40 @@ class PostgresServer:
             raise PsqlError(result.returncode, argv, result.stdout, result.stderr)
         return result
 
+    def create_role(
+        self,
+        name: str,
+        password: str | None = None,
+        encryption: str = "scram-sha-256",
+        create: bool = True,
+        superuser: bool = False,
+    ) -> str:
+        """
+        Create login role ``name`` (or, with ``create=False``, set its password).
+
+        The password (default: ``role_password(name)``, which ``dsn()`` also
+        uses) is stored as ``encryption`` says: ``scram-sha-256`` or ``md5``.
+        Idempotent: an existing role gets the password again. Returns it.
+        """
+        if password is None:
+            password = role_password(name)
+        if encryption not in ("scram-sha-256", "md5"):
+            raise ValueError(f"unknown password encryption {encryption!r}")
+        quoted_name = '"' + name.replace('"', '""') + '"'
+        quoted_password = "'" + password.replace("'", "''") + "'"
+        statements = [f"set password_encryption = '{encryption}'"]
+        if create:
+            statements.append(
+                "do $$ begin if not exists (select from pg_roles where rolname = "
+                + "'" + name.replace("'", "''") + "'"
+                + f") then create role {quoted_name} login; end if; end $$"
+            )
+        statements.append(
+            f"alter role {quoted_name} with login {'superuser' if superuser else ''} password {quoted_password}"
+        )
+        self.psql("; ".join(statements), dsn=self.superuser_dsn())
+        return password
+
     def superuser_dsn(self, dbname: str = "postgres") -> str:
         """
         A connection string over the unix socket: no TCP, no TLS, no proxy.
@@ -516,6 +584,15 @@ class PostgresServer:
         Run setup SQL (create tables, roles) as superuser over the unix socket.
         """
         return self.psql(sql, dsn=self.superuser_dsn(dbname), timeout=timeout)
+
+
+def role_password(name: str) -> str:
+    """
+    The password ``create_role`` gives role ``name`` by default (and ``dsn()`` sends).
+    """
+    if name == SUPERUSER:
+        return SUPERUSER_PASSWORD
+    return f"egress-test-{name}"
 
 
 def _server_owner() -> pwd.struct_passwd | None:
