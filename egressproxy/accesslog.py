@@ -38,6 +38,8 @@ FLAGS = {
     "unsupported or too slow forward-proxy request (HTTP, SOCKS5)",
     "UAEX": "unauthorized: missing or wrong forward-proxy credentials (407, SOCKS5 auth failure)",
     "DT": "cut when drain_timeout expired during shutdown",
+    "LR": "Postgres login refused by the server, written LR:<SQLSTATE> (LR:28P01 wrong password, "
+    "LR:28000 no pg_hba entry for this address, LR:3D000 no such database); originate and plaintext listeners",
 }
 
 

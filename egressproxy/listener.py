@@ -48,6 +48,8 @@ class ListenerRuntime:
         self.connections_total = 0
         # Known reasons start at zero, so their series exist before the first event.
         self.rejected: dict[str, int] = dict.fromkeys(REJECT_REASONS, 0)
+        #: Postgres logins the server refused, by SQLSTATE (28P01, 28000, ...).
+        self.login_refused: dict[str, int] = {}
         self.finished_bytes_received = 0
         self.finished_bytes_sent = 0
         #: The service's configured clusters by name (a front routing to a
@@ -81,6 +83,10 @@ class ListenerRuntime:
     def count_rejected(self, reason: str) -> None:
         """Count an admitted connection its front refused before dialling (e.g. ``no_route``)."""
         self._reject(reason)
+
+    def count_login_refused(self, sqlstate: str) -> None:
+        """Count a Postgres login the server refused, by its SQLSTATE."""
+        self.login_refused[sqlstate] = self.login_refused.get(sqlstate, 0) + 1
 
     def count_unadmitted(self, reason: str | None) -> None:
         """Count a connection that ended before admission (``admit`` counts the others)."""

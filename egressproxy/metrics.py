@@ -110,14 +110,21 @@ class EgressCollector:
             "Bytes sent to downstream clients, live connections included.",
             labels=["listener"],
         )
+        login_refused = CounterMetricFamily(
+            "egressproxy_postgres_login_refused",
+            "Postgres logins the server refused (relayed through originate or plaintext listeners), by SQLSTATE.",
+            labels=["listener", "sqlstate"],
+        )
         for name, entry in listeners.items():
+            for sqlstate, count in sorted(entry.get("login_refused", {}).items()):
+                login_refused.add_metric([name, sqlstate], count)
             total.add_metric([name], entry["connections"])
             active.add_metric([name], entry["active"])
             for reason, count in sorted(entry["rejected"].items()):
                 rejected.add_metric([name, reason], count)
             received.add_metric([name], entry["received"])
             sent.add_metric([name], entry["sent"])
-        yield from (total, active, rejected, received, sent)
+        yield from (total, active, rejected, received, sent, login_refused)
 
     def _cluster_metrics(self, clusters: Mapping[str, Mapping[str, Any]]) -> Iterator[Metric]:
         active = GaugeMetricFamily(

@@ -10,13 +10,26 @@ sockets, no reactor.  What the proxy needs from the protocol is narrow:
   it is recognised here by its first byte and parsed by ``tlshello.py``;
 - an ErrorResponse to send a client that is still in plaintext
   (``error_response``): severity, SQLSTATE, message, detail and hint;
-- the BackendKeyData ('K') in a server's startup answer, which tells which
-  backend a later CancelRequest is for (``BackendKeyScanner``), scanned only
-  up to the first ReadyForQuery ('Z').
+- a server's startup answer, up to the first ReadyForQuery ('Z') or
+  ErrorResponse (``StartupAnswer``): the BackendKeyData ('K') that tells
+  which backend a later CancelRequest is for, the SQLSTATE of a refused
+  login, and the SASL mechanism list, from which a TLS-originating proxy
+  removes ``SCRAM-SHA-256-PLUS`` (see below);
+- the client's SASLInitialResponse (``read_sasl_initial_response``): which
+  SCRAM mechanism it chose and its GS2 channel-binding flag.
 
-It does not parse anything after the startup phase, does not know about
-authentication, and does not validate StartupMessage parameters (the server
-does).  Every parser is bounded: an initial packet may be at most
+Why the proxy touches SCRAM at all: channel binding (``SCRAM-SHA-256-PLUS``,
+RFC 5802/5929) ties the login to the TLS certificate the *client* sees.
+Where the proxy ends the client's TLS and opens its own to the server
+(``tls: originate``), the two can never agree, by design.  A plaintext client
+offered ``-PLUS`` gives up ("server offered SCRAM-SHA-256-PLUS authentication
+over a non-SSL connection"), so the proxy removes it from the list; a client
+that still asks for binding (GS2 flag ``p`` or ``y``) is told why by the
+proxy instead of failing at the server.  The proof itself is never touched:
+it covers the client's messages, so rewriting them would fail the login.
+
+It does not parse anything after the startup phase and does not validate
+StartupMessage parameters (the server does).  Every parser is bounded: an initial packet may be at most
 ``MAX_STARTUP_PACKET`` bytes, as PostgreSQL itself enforces, and anything
 malformed raises :class:`ProtocolError` with a message fit for the log.
 """
@@ -169,79 +182,167 @@ def error_response(
 _BACKEND_KEY_DATA = ord("K")
 _READY_FOR_QUERY = ord("Z")
 _ERROR_RESPONSE = ord("E")
+_AUTHENTICATION = ord("R")
+#: Frontend message type of every authentication answer (password, SASL).
+_PASSWORD_MESSAGE = ord("p")
+
+#: Authentication request codes (the int32 after an 'R' message's length).
+AUTH_OK = 0
+AUTH_SASL = 10
+
+#: SASL mechanism names PostgreSQL offers.
+SCRAM_SHA_256 = "SCRAM-SHA-256"
+SCRAM_SHA_256_PLUS = "SCRAM-SHA-256-PLUS"
 
 #: A startup-phase backend message longer than this is a broken stream
 #: (the longest, an ErrorResponse or SASL exchange, is a few KiB).
 _MAX_STARTUP_MESSAGE = 1 << 20
 
 
-class BackendKeyScanner:
-    """Finds the BackendKeyData in a server's startup answer, then stops.
+def error_fields(body: bytes) -> dict[str, str]:
+    """The fields of an ErrorResponse or NoticeResponse body, by their one-letter codes."""
+    fields: dict[str, str] = {}
+    for part in body.split(b"\x00"):
+        if part:
+            fields.setdefault(chr(part[0]), part[1:].decode("utf-8", "replace"))
+    return fields
 
-    Feed it the server's (plaintext) bytes in order.  It walks message
-    headers and skips bodies without keeping them, except BackendKeyData's
-    few bytes; at ReadyForQuery, an ErrorResponse or anything malformed it
-    sets ``done``, after which the caller stops feeding it.  ``key`` is the
-    BackendKeyData seen, if any.  Memory is bounded by one header plus one
-    BackendKeyData body.
+
+def _sasl_mechanisms(body: bytes) -> list[str] | None:
+    """The mechanism names of an AuthenticationSASL body (after its code), or None if malformed."""
+    if not body.endswith(b"\x00\x00") and body != b"\x00":
+        return None
+    names = body[:-1].split(b"\x00")[:-1] if body != b"\x00" else []
+    return [name.decode("ascii", "replace") for name in names]
+
+
+def sasl_request(mechanisms: list[str]) -> bytes:
+    """An AuthenticationSASL message offering ``mechanisms``."""
+    body = struct.pack("!i", AUTH_SASL) + b"".join(m.encode("ascii") + b"\x00" for m in mechanisms) + b"\x00"
+    return b"R" + struct.pack("!i", len(body) + 4) + body
+
+
+class StartupAnswer:
+    """Reads a server's startup answer in order, whole messages at a time.
+
+    Feed it the server's plaintext bytes; :meth:`feed` returns the bytes to
+    relay to the client: the same bytes, except that with
+    ``strip_channel_binding`` an AuthenticationSASL offering
+    ``SCRAM-SHA-256-PLUS`` is rewritten without it (length adjusted).  A
+    partial message is held until complete, so memory is bounded by one
+    message (``_MAX_STARTUP_MESSAGE``).  At ReadyForQuery or an
+    ErrorResponse, or on anything malformed, ``done`` is set and every later
+    byte passes through untouched; the caller then stops feeding it.
+
+    What it learnt: ``key`` (BackendKeyData), ``refused`` (SQLSTATE and
+    message of an ErrorResponse), ``authenticated`` (AuthenticationOk seen),
+    ``sasl`` (AuthenticationSASL seen), ``stripped`` (``-PLUS`` removed) and
+    ``error`` (why reading stopped early).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, strip_channel_binding: bool = False) -> None:
+        self.strip_channel_binding = strip_channel_binding
         self.key: CancelKey | None = None
+        self.refused: tuple[str, str] | None = None
+        self.authenticated = False
+        self.sasl = False
+        self.stripped = False
         self.done = False
-        #: Why scanning stopped early (a malformed stream), for the log.
         self.error: str | None = None
-        self._header = b""
-        self._type = 0
-        self._remaining = 0  # body bytes of the current message still to come
-        self._body = b""  # kept for BackendKeyData only
+        self._buffer = bytearray()
 
-    def feed(self, data: bytes) -> None:
-        """Scan ``data``; never raises."""
-        position, size = 0, len(data)
-        while position < size and not self.done:
-            if self._remaining == 0 and len(self._header) < 5:
-                take = min(5 - len(self._header), size - position)
-                self._header += data[position:position + take]
-                position += take
-                if len(self._header) < 5:
-                    return
-                self._start_message()
-                if self.done:
-                    return
-                if self._remaining == 0:
-                    self._end_message()
-                continue
-            take = min(self._remaining, size - position)
-            if self._type == _BACKEND_KEY_DATA:
-                self._body += data[position:position + take]
-            position += take
-            self._remaining -= take
-            if self._remaining == 0:
-                self._end_message()
+    def feed(self, data: bytes) -> bytes:
+        """Read ``data``; return what to relay now.  Never raises."""
+        if self.done:
+            return data
+        self._buffer += data
+        out = bytearray()
+        while not self.done and len(self._buffer) >= 5:
+            kind = self._buffer[0]
+            (length,) = struct.unpack_from("!i", self._buffer, 1)
+            if length < 4 or length > _MAX_STARTUP_MESSAGE:
+                self._stop(f"invalid message length {length} for type {chr(kind)!r}")
+                break
+            if len(self._buffer) < 1 + length:
+                break
+            message = bytes(self._buffer[:1 + length])
+            del self._buffer[:1 + length]
+            out += self._message(kind, message)
+        if self.done:
+            out += self._buffer
+            self._buffer = bytearray()
+        return bytes(out)
 
-    def _start_message(self) -> None:
-        self._type = self._header[0]
-        (length,) = struct.unpack_from("!i", self._header, 1)
-        if length < 4 or length > _MAX_STARTUP_MESSAGE:
-            self._stop(f"invalid message length {length} for type {chr(self._type)!r}")
-            return
-        if self._type == _BACKEND_KEY_DATA and not 4 + 4 + MIN_CANCEL_KEY <= length <= 4 + 4 + MAX_CANCEL_KEY:
-            self._stop(f"invalid BackendKeyData length {length}")
-            return
-        self._remaining = length - 4
-        self._body = b""
-
-    def _end_message(self) -> None:
-        kind = self._type
-        self._header = b""
-        if kind == _BACKEND_KEY_DATA:
-            (pid,) = struct.unpack_from("!i", self._body)
-            self.key = CancelKey(pid, self._body[4:])
-            self._body = b""
-        elif kind == _READY_FOR_QUERY or kind == _ERROR_RESPONSE:
+    def _message(self, kind: int, message: bytes) -> bytes:
+        body = message[5:]
+        if kind == _AUTHENTICATION and len(body) >= 4:
+            (code,) = struct.unpack_from("!i", body)
+            if code == AUTH_OK:
+                self.authenticated = True
+            elif code == AUTH_SASL:
+                self.sasl = True
+                return self._sasl(message, body[4:])
+        elif kind == _BACKEND_KEY_DATA:
+            if not MIN_CANCEL_KEY <= len(body) - 4 <= MAX_CANCEL_KEY:
+                self._stop(f"invalid BackendKeyData length {len(body) + 4}")
+            else:
+                (pid,) = struct.unpack_from("!i", body)
+                self.key = CancelKey(pid, body[4:])
+        elif kind == _ERROR_RESPONSE:
+            fields = error_fields(body)
+            self.refused = (fields.get("C", "?????"), fields.get("M", ""))
             self.done = True
+        elif kind == _READY_FOR_QUERY:
+            self.done = True
+        return message
+
+    def _sasl(self, message: bytes, names: bytes) -> bytes:
+        mechanisms = _sasl_mechanisms(names)
+        if mechanisms is None:
+            self._stop("malformed AuthenticationSASL")
+            return message
+        if not self.strip_channel_binding or SCRAM_SHA_256_PLUS not in mechanisms:
+            return message
+        kept = [m for m in mechanisms if m != SCRAM_SHA_256_PLUS]
+        if not kept:
+            return message  # nothing else offered: the client will say so itself
+        self.stripped = True
+        return sasl_request(kept)
 
     def _stop(self, why: str) -> None:
         self.error = why
         self.done = True
+
+
+@attrs.frozen
+class SaslInitialResponse:
+    """What a client's SASLInitialResponse says about channel binding."""
+
+    mechanism: str
+    #: The GS2 channel-binding flag: ``n`` (no binding), ``y`` (client could
+    #: bind but thinks the server cannot), ``p`` (binding), or "" if absent.
+    binding_flag: str
+
+
+def read_sasl_initial_response(buffer: bytes | bytearray) -> SaslInitialResponse | None:
+    """The client's first authentication message in ``buffer``, if complete.
+
+    None while incomplete.  Raises :class:`ProtocolError` when the buffer
+    does not start with a well-formed ``p`` message carrying a mechanism name.
+    """
+    if len(buffer) < 5:
+        return None
+    if buffer[0] != _PASSWORD_MESSAGE:
+        raise ProtocolError(f"expected a SASLInitialResponse, got message type {chr(buffer[0])!r}")
+    (length,) = struct.unpack_from("!i", buffer, 1)
+    if length < 4 or length > _MAX_STARTUP_MESSAGE:
+        raise ProtocolError(f"invalid SASLInitialResponse length {length}")
+    if len(buffer) < 1 + length:
+        return None
+    body = bytes(buffer[5:1 + length])
+    end = body.find(b"\x00")
+    if end <= 0:
+        raise ProtocolError("SASLInitialResponse without a mechanism name")
+    mechanism = body[:end].decode("ascii", "replace")
+    data = body[end + 5:] if len(body) >= end + 5 else b""
+    return SaslInitialResponse(mechanism, chr(data[0]) if data else "")

@@ -37,7 +37,10 @@ class SnapshotSource(Protocol):
 
 #: The fields of each entry and their kinds: what :func:`clean` accepts.
 _FIELDS = {
-    "listeners": {"connections": "count", "active": "count", "rejected": "reasons", "received": "count", "sent": "count"},
+    "listeners": {
+        "connections": "count", "active": "count", "rejected": "reasons", "received": "count", "sent": "count",
+        "login_refused": "reasons",
+    },
     "clusters": {
         "active": "count", "connections": "count", "failures": "reasons", "overflows": "count",
         "buckets": "counts", "sum": "number",
@@ -103,6 +106,7 @@ def take(service: SnapshotSource) -> Snapshot:
             "connections": runtime.connections_total,
             "active": runtime.active,
             "rejected": dict(runtime.rejected),
+            "login_refused": dict(runtime.login_refused),
             "received": runtime.bytes_received,
             "sent": runtime.bytes_sent,
         }

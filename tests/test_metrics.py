@@ -159,7 +159,7 @@ class CollectorTests(SynchronousTestCase):
         self.families = scrape(make_registry(self.service))
 
     def test_family_names(self) -> None:
-        """The egressproxy families are exactly the eleven DESIGN.md names."""
+        """The egressproxy families are the eleven DESIGN.md names plus Postgres login refusals."""
         self.assertEqual(
             sorted(name for name in self.families if name.startswith("egressproxy_")),
             [
@@ -169,6 +169,7 @@ class CollectorTests(SynchronousTestCase):
                 "egressproxy_downstream_connections",
                 "egressproxy_downstream_connections_active",
                 "egressproxy_downstream_rejected",
+                "egressproxy_postgres_login_refused",
                 "egressproxy_upstream_connect_failures",
                 "egressproxy_upstream_connect_seconds",
                 "egressproxy_upstream_connections_active",
@@ -189,6 +190,7 @@ class CollectorTests(SynchronousTestCase):
                 "egressproxy_downstream_connections": "counter",
                 "egressproxy_downstream_connections_active": "gauge",
                 "egressproxy_downstream_rejected": "counter",
+                "egressproxy_postgres_login_refused": "counter",
                 "egressproxy_upstream_connect_failures": "counter",
                 "egressproxy_upstream_connect_seconds": "histogram",
                 "egressproxy_upstream_connections_active": "gauge",

@@ -9,7 +9,16 @@ from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from egressproxy import pgwire
-from egressproxy.pgwire import BackendKeyScanner, CancelKey, ProtocolError, error_response, read_initial_packet
+from egressproxy.pgwire import (
+    CancelKey,
+    ProtocolError,
+    SaslInitialResponse,
+    StartupAnswer,
+    error_response,
+    read_initial_packet,
+    read_sasl_initial_response,
+    sasl_request,
+)
 from tests.tlsclient import client_hello
 
 
@@ -157,45 +166,160 @@ class ErrorResponseTests(SynchronousTestCase):
         self.assertEqual(parse_error(error_response("08001", "a\x00b"))["M"], "a b")
 
 
-class BackendKeyScannerTests(SynchronousTestCase):
+class StartupAnswerTests(SynchronousTestCase):
     def test_finds_key_and_stops_at_ready(self) -> None:
-        """BackendKeyData is found and scanning ends at ReadyForQuery."""
-        scanner = BackendKeyScanner()
-        scanner.feed(BACKEND_START)
-        self.assertEqual((scanner.key, scanner.done, scanner.error), (CancelKey(4242, struct.pack("!i", 77)), True, None))
+        """BackendKeyData is found, reading ends at ReadyForQuery, and the bytes relay unchanged."""
+        answer = StartupAnswer()
+        relayed = answer.feed(BACKEND_START)
+        self.assertEqual((answer.key, answer.done, answer.error), (CancelKey(4242, struct.pack("!i", 77)), True, None))
+        self.assertEqual(relayed, BACKEND_START)
+        self.assertTrue(answer.authenticated)
 
     def test_byte_by_byte(self) -> None:
-        """The same answer fed one byte at a time gives the same key."""
-        scanner = BackendKeyScanner()
+        """The same answer fed one byte at a time gives the same key and the same bytes."""
+        answer = StartupAnswer(strip_channel_binding=True)
+        relayed = b""
         for i in range(len(BACKEND_START)):
-            self.assertFalse(scanner.done)
-            scanner.feed(BACKEND_START[i:i + 1])
-        self.assertEqual(scanner.key, CancelKey(4242, struct.pack("!i", 77)))
-        self.assertTrue(scanner.done)
+            self.assertFalse(answer.done)
+            relayed += answer.feed(BACKEND_START[i:i + 1])
+        self.assertEqual(answer.key, CancelKey(4242, struct.pack("!i", 77)))
+        self.assertTrue(answer.done)
+        self.assertEqual(relayed, BACKEND_START)
 
-    def test_error_response_ends(self) -> None:
-        """An ErrorResponse (failed authentication) ends the scan without a key."""
-        scanner = BackendKeyScanner()
-        scanner.feed(message(b"E", b"SFATAL\x00\x00"))
-        self.assertEqual((scanner.key, scanner.done), (None, True))
+    def test_long_cancel_key(self) -> None:
+        """PostgreSQL 18's protocol 3.2 keys (up to 256 bytes) are kept whole."""
+        secret = bytes(range(32))
+        answer = StartupAnswer()
+        answer.feed(message(b"K", struct.pack("!i", 9) + secret) + message(b"Z", b"I"))
+        self.assertEqual(answer.key, CancelKey(9, secret))
+
+    def test_error_response_ends_with_sqlstate(self) -> None:
+        """An ErrorResponse (a refused login) ends reading and names its SQLSTATE and message."""
+        answer = StartupAnswer()
+        error = error_response("28P01", 'password authentication failed for user "app"')
+        self.assertEqual(answer.feed(error + b"trailing"), error + b"trailing")
+        self.assertEqual((answer.key, answer.done), (None, True))
+        self.assertEqual(answer.refused, ("28P01", 'password authentication failed for user "app"'))
+        self.assertFalse(answer.authenticated)
 
     def test_bad_length(self) -> None:
-        """A message length under 4 stops the scan with an error."""
-        scanner = BackendKeyScanner()
-        scanner.feed(b"R\x00\x00\x00\x02")
-        self.assertTrue(scanner.done)
-        self.assertIsNotNone(scanner.error)
+        """A message length under 4 stops reading with an error, and the bytes still pass."""
+        answer = StartupAnswer()
+        self.assertEqual(answer.feed(b"R\x00\x00\x00\x02"), b"R\x00\x00\x00\x02")
+        self.assertTrue(answer.done)
+        self.assertIsNotNone(answer.error)
 
     def test_bad_key_length(self) -> None:
-        """A BackendKeyData with a 2-byte key stops the scan with an error."""
-        scanner = BackendKeyScanner()
-        scanner.feed(message(b"K", b"\x00" * 6))
-        self.assertEqual((scanner.key, scanner.done), (None, True))
+        """A BackendKeyData with a 2-byte key stops reading with an error."""
+        answer = StartupAnswer()
+        answer.feed(message(b"K", b"\x00" * 6))
+        self.assertEqual((answer.key, answer.done), (None, True))
+
+    def test_partial_message_is_held(self) -> None:
+        """Nothing of a message is relayed until the whole of it has arrived."""
+        answer = StartupAnswer()
+        sasl = sasl_request(["SCRAM-SHA-256"])
+        self.assertEqual(answer.feed(sasl[:7]), b"")
+        self.assertEqual(answer.feed(sasl[7:]), sasl)
+        self.assertTrue(answer.sasl)
+
+    def test_strips_plus(self) -> None:
+        """With strip_channel_binding, SCRAM-SHA-256-PLUS leaves the list and the length follows."""
+        answer = StartupAnswer(strip_channel_binding=True)
+        offered = sasl_request(["SCRAM-SHA-256-PLUS", "SCRAM-SHA-256"])
+        relayed = answer.feed(offered)
+        self.assertEqual(relayed, sasl_request(["SCRAM-SHA-256"]))
+        self.assertEqual(relayed, b"R\x00\x00\x00\x17\x00\x00\x00\x0aSCRAM-SHA-256\x00\x00")
+        self.assertTrue(answer.stripped)
+
+    def test_strip_keeps_other_messages(self) -> None:
+        """Messages around the rewritten one pass byte for byte, in order."""
+        answer = StartupAnswer(strip_channel_binding=True)
+        before = message(b"N", b"SNOTICE\x00Mhello\x00\x00")
+        after = message(b"R", struct.pack("!i", 11) + b"r=abc")
+        relayed = answer.feed(before + sasl_request(["SCRAM-SHA-256", "SCRAM-SHA-256-PLUS"]) + after)
+        self.assertEqual(relayed, before + sasl_request(["SCRAM-SHA-256"]) + after)
+
+    def test_no_strip_without_the_option(self) -> None:
+        """Without strip_channel_binding (passthrough) the list is relayed as it came."""
+        answer = StartupAnswer()
+        offered = sasl_request(["SCRAM-SHA-256-PLUS", "SCRAM-SHA-256"])
+        self.assertEqual(answer.feed(offered), offered)
+        self.assertFalse(answer.stripped)
+
+    def test_plus_alone_is_left(self) -> None:
+        """A list of only -PLUS is left alone: the client then says itself that it cannot log in."""
+        answer = StartupAnswer(strip_channel_binding=True)
+        offered = sasl_request(["SCRAM-SHA-256-PLUS"])
+        self.assertEqual(answer.feed(offered), offered)
+
+    def test_md5_and_cleartext_requests_pass(self) -> None:
+        """md5 and cleartext password requests are relayed unchanged."""
+        for code, extra in ((5, b"salt"), (3, b"")):
+            answer = StartupAnswer(strip_channel_binding=True)
+            request = message(b"R", struct.pack("!i", code) + extra)
+            self.assertEqual(answer.feed(request), request)
+            self.assertFalse(answer.sasl)
+
+    def test_malformed_sasl_list(self) -> None:
+        """A mechanism list without its terminator stops reading; the bytes pass unchanged."""
+        answer = StartupAnswer(strip_channel_binding=True)
+        bad = message(b"R", struct.pack("!i", 10) + b"SCRAM-SHA-256-PLUS")
+        self.assertEqual(answer.feed(bad), bad)
+        self.assertTrue(answer.done)
 
     @given(st.lists(st.binary(max_size=40), max_size=20))
     @settings(max_examples=300, deadline=None)
     def test_random_chunks(self, chunks: list[bytes]) -> None:
-        """Random bytes in random chunks never raise."""
-        scanner = BackendKeyScanner()
-        for chunk in chunks:
-            scanner.feed(chunk)
+        """Random bytes in random chunks never raise, and without -PLUS come out as they went in."""
+        answer = StartupAnswer(strip_channel_binding=True)
+        relayed = b"".join(answer.feed(chunk) for chunk in chunks)
+        joined = b"".join(chunks)
+        if not answer.stripped:
+            self.assertTrue(joined.startswith(relayed))
+
+
+class SaslInitialResponseTests(SynchronousTestCase):
+    @staticmethod
+    def initial(mechanism: bytes, data: bytes) -> bytes:
+        return message(b"p", mechanism + b"\x00" + struct.pack("!i", len(data)) + data)
+
+    def test_flags(self) -> None:
+        """The mechanism and GS2 flag are read for n, y and p."""
+        for data, flag in ((b"n,,n=,r=abc", "n"), (b"y,,n=,r=abc", "y"), (b"p=tls-server-end-point,,n=,r=x", "p")):
+            self.assertEqual(
+                read_sasl_initial_response(self.initial(b"SCRAM-SHA-256", data)),
+                SaslInitialResponse("SCRAM-SHA-256", flag),
+            )
+
+    def test_incomplete(self) -> None:
+        """None until the whole message is there."""
+        full = self.initial(b"SCRAM-SHA-256-PLUS", b"p=tls-server-end-point,,n=,r=x")
+        for cut in range(len(full)):
+            self.assertIsNone(read_sasl_initial_response(full[:cut]))
+
+    def test_not_a_password_message(self) -> None:
+        """Another message type is a protocol error."""
+        with self.assertRaises(ProtocolError):
+            read_sasl_initial_response(message(b"Q", b"select 1\x00"))
+
+    def test_no_mechanism(self) -> None:
+        """An empty mechanism name is a protocol error."""
+        with self.assertRaises(ProtocolError):
+            read_sasl_initial_response(message(b"p", b"\x00\x00\x00\x00\x00"))
+
+    def test_no_data(self) -> None:
+        """A response with length -1 (no initial data) has no flag."""
+        self.assertEqual(
+            read_sasl_initial_response(message(b"p", b"SCRAM-SHA-256\x00\xff\xff\xff\xff")),
+            SaslInitialResponse("SCRAM-SHA-256", ""),
+        )
+
+    @given(st.binary(max_size=80))
+    @settings(max_examples=300, deadline=None)
+    def test_random_bytes(self, data: bytes) -> None:
+        """Random bytes give a result, None or ProtocolError, never another exception."""
+        try:
+            read_sasl_initial_response(b"p" + data)
+        except ProtocolError:
+            pass

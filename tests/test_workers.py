@@ -206,14 +206,17 @@ class TakeTests(SynchronousTestCase):
         rejected.update({"source": 2, "max_connections": 1})
         self.assertEqual(
             self.taken["listeners"]["direct"],
-            {"connections": 12, "active": 1, "rejected": rejected, "received": 1284, "sent": 2892},
+            {"connections": 12, "active": 1, "rejected": rejected, "received": 1284, "sent": 2892, "login_refused": {}},
         )
 
     def test_quiet_listener(self) -> None:
         """A listener without connections has zeros everywhere."""
         self.assertEqual(
             self.taken["listeners"]["vendor"],
-            {"connections": 0, "active": 0, "rejected": dict.fromkeys(REJECT_REASONS, 0), "received": 0, "sent": 0},
+            {
+                "connections": 0, "active": 0, "rejected": dict.fromkeys(REJECT_REASONS, 0), "received": 0, "sent": 0,
+                "login_refused": {},
+            },
         )
 
     def test_busy_cluster(self) -> None:
@@ -796,6 +799,7 @@ class StubListener:
     connections_total = 1
     active = 0
     rejected: dict[str, int] = {"source": 0, "max_connections": 0}
+    login_refused: dict[str, int] = {"28P01": 2}
     bytes_received = 123456789
     bytes_sent = 987654321
 

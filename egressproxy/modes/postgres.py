@@ -42,17 +42,43 @@ gets ``S``, its ClientHello is read, and the answer is a fatal TLS alert
 ``internal_error`` for an unreachable upstream or an open breaker).  Clients
 are never simply hung up on; the access log and metrics carry the detail.
 
+**SCRAM in originate.**  Channel binding cannot cross a proxy that ends
+one TLS session and starts another (see ``pgwire``).  To a plaintext client
+the proxy relays the server's SASL mechanism list without
+``SCRAM-SHA-256-PLUS``, so libpq picks ``SCRAM-SHA-256``; md5, cleartext and
+trust pass unchanged.  To a client on ``client_tls`` the list goes as it
+came: a client that then chooses ``-PLUS``, or sends the GS2 flag ``y``
+(libpq's default ``channel_binding=prefer`` over TLS when ``-PLUS`` is
+missing, which the server refuses as a downgrade), gets a FATAL
+ErrorResponse from the proxy that says why and what to do, instead of the
+server's "SCRAM channel binding check failed".  A plaintext client with
+``channel_binding=require`` is stopped by libpq itself, before the proxy
+can say anything ("channel binding is required, but server did not offer
+an authentication method that supports channel binding").
+
+**Login outcome.**  Wherever the proxy relays the startup answer
+(originate, plaintext single cluster), a login the server refuses is
+flagged ``LR:<SQLSTATE>`` (``LR:28P01`` wrong password, ``LR:28000`` no
+pg_hba entry, ``LR:3D000`` no such database) and counted per SQLSTATE.
+
 **Cancels.**  A CancelRequest is routed by its key where the proxy saw the
 key (originate, and plaintext single-cluster sessions), else forwarded to
-the listener's cluster.  SNI-routed listeners cannot route a plaintext
-CancelRequest (it names no server); a cancel sent over TLS (libpq 17+
+the listener's cluster.  On an SNI-routed listener a plaintext
+CancelRequest names no server, and the key is hidden inside TLS; it is sent
+to the upstream endpoints that the same client source (after any PROXY
+header) has live sessions with on that listener, newest first, at most
+``MAX_CANCEL_FANOUT`` of them, and never anywhere else.  A server ignores a
+key it does not know, so the copies that miss do nothing.  A source with no
+live session is refused (``NR``).  A cancel sent over TLS (libpq 17+
 ``PQcancelCreate``) carries the SNI and is routed like any connection.
 
-Flags: ``NR`` no route (no or unknown SNI; an unknown cancel key on a routed
-listener), ``DPE`` a client protocol error, a handshake timeout, or a
-plaintext startup where TLS is required; ``UF``/``UT``/``UO`` as for any
-dial, ``UF`` also for an upstream that closes before answering, refuses TLS
-or fails TLS verification.
+Flags: ``NR`` no route (no or unknown SNI; a cancel from a source with no
+live session on a routed listener), ``DPE`` a client protocol error, a
+handshake timeout, a plaintext startup where TLS is required, or channel
+binding asked for through ``originate``; ``LR:<SQLSTATE>`` the server
+refused the login; ``UF``/``UT``/``UO`` as for any dial, ``UF`` also for an
+upstream that closes before answering, refuses TLS or fails TLS
+verification.
 
 Rejected alternative: terminating TLS to read the startup packet in
 passthrough mode.  It would put the proxy's certificate in front of every
@@ -69,6 +95,7 @@ from OpenSSL import SSL
 from twisted.internet import ssl
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -100,6 +127,9 @@ STARTUP_TIMEOUT = 120.0
 CLIENT_BUFFER_LIMIT = tlshello.MAX_CLIENT_HELLO + pgwire.MAX_STARTUP_PACKET
 #: Server bytes held before the splice (an answer is one byte; more is refused).
 UPSTREAM_BUFFER_LIMIT = 64 * 1024
+#: How many upstream endpoints one unmatched plaintext cancel may reach on
+#: an SNI-routed listener (the newest sessions of its source first).
+MAX_CANCEL_FANOUT = 4
 
 _HOST_LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)\Z")
 
@@ -142,6 +172,9 @@ class PostgresListenerState:
     def __init__(self) -> None:
         #: BackendKeyData seen in live sessions -> where that backend is.
         self.backend_keys: dict[CancelKey, CancelTarget] = {}
+        #: Live routed (TLS end to end) sessions by client source address,
+        #: oldest first: where a plaintext cancel from that source may go.
+        self.routed_by_source: dict[str, dict[object, CancelTarget]] = {}
         self._server_tls: tuple[ClientTLS, Any] | None = None
         self._client_tls: dict[tuple[str, str | None], Any] = {}
 
@@ -151,6 +184,27 @@ class PostgresListenerState:
         if not isinstance(state, cls):
             state = listener.mode_state = cls()
         return state
+
+    def add_routed(self, source: str, session: object, target: CancelTarget) -> None:
+        """Remember a live routed session of ``source`` (until :meth:`remove_routed`)."""
+        self.routed_by_source.setdefault(source, {})[session] = target
+
+    def remove_routed(self, source: str, session: object) -> None:
+        sessions = self.routed_by_source.get(source)
+        if sessions is not None:
+            sessions.pop(session, None)
+            if not sessions:
+                del self.routed_by_source[source]
+
+    def cancel_targets(self, source: str) -> list[CancelTarget]:
+        """Distinct endpoints of ``source``'s live routed sessions, newest first, at most MAX_CANCEL_FANOUT."""
+        targets: list[CancelTarget] = []
+        for target in reversed(list(self.routed_by_source.get(source, {}).values())):
+            if target not in targets:
+                targets.append(target)
+                if len(targets) == MAX_CANCEL_FANOUT:
+                    break
+        return targets
 
     def server_options(self, client_tls: ClientTLS) -> Any:
         """Server-side TLS options for ``client_tls`` (ALPN ``postgresql`` offered)."""
@@ -193,6 +247,29 @@ class PostgresListenerState:
 
 def _pem_blocks(data: bytes) -> list[bytes]:
     return re.findall(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", data, re.S)
+
+
+class _CancelCopy(Protocol):
+    """Delivers one CancelRequest to an extra endpoint and hangs up (no session, no log line)."""
+
+    def __init__(self, packet: bytes, cluster: UpstreamCluster, address: Address) -> None:
+        self.packet = packet
+        self.cluster = cluster
+        self.address = address
+
+    def connectionMade(self) -> None:
+        self.transport.write(self.packet)
+        self.transport.loseConnection()
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self.cluster.released(self.address)
+
+
+def send_cancel_copy(packet: bytes, target: CancelTarget) -> None:
+    """Send ``packet`` to ``target`` under its cluster's limits; failures only count there."""
+    dial = target.cluster.dial(_CancelCopy(packet, target.cluster, target.address), lambda address: None, [target.address])
+    if dial is not None:
+        dial.deferred.addErrback(lambda failure: None)
 
 
 def valid_server_name(name: str) -> bool:
@@ -275,7 +352,12 @@ class PostgresFront(Front):
         #: The upstream's TLS options (originate), for the cancel registry.
         self._up_tls: Any = None
         self._up_server_name: str | None = None
-        self._scanner: pgwire.BackendKeyScanner | None = None
+        self._scanner: pgwire.StartupAnswer | None = None
+        #: The client's SASLInitialResponse is awaited and checked before it goes upstream.
+        self._sasl_check = False
+        self._sasl_checked = False
+        #: This session is a live routed one, registered for cancels by source.
+        self._routed_source: str | None = None
         self._key: CancelKey | None = None
         self._target: CancelTarget | None = None
         #: What the dial is for, for messages before any address is attempted.
@@ -358,11 +440,13 @@ class PostgresFront(Front):
         return True
 
     def finished(self) -> None:
-        """The session ended: stop the timer, forget this session's cancel key."""
+        """The session ended: stop the timer, forget this session's cancel key and source entry."""
         self._disarm()
         self._client = "done"
         if self._key is not None and self.state.backend_keys.get(self._key) is self._target:
             del self.state.backend_keys[self._key]
+        if self._routed_source is not None:
+            self.state.remove_routed(self._routed_source, self.session)
 
     # -- reading the client -----------------------------------------------------
 
@@ -608,9 +692,9 @@ class PostgresFront(Front):
             self._dial(target.cluster, [target.address])
             return
         if self.config.cluster is None:
-            # A routed listener: a plaintext cancel names no server.
-            self._reject("NR", "no_route", "CancelRequest for a backend this proxy did not see: not routable by SNI")
-            self._close()
+            # A routed listener: a plaintext cancel names no server; try the
+            # endpoints this source has live sessions with (module notes).
+            self._cancel_by_source(packet.data)
             return
         # A backend this process did not see (another proxy instance's, or
         # a session that ended): the cluster's server ignores unknown keys.
@@ -620,6 +704,20 @@ class PostgresFront(Front):
             self._up_tls = True  # the options are made per endpoint once connected
         self._on_connected = self._send_cancel
         self._dial(cluster)
+
+    def _cancel_by_source(self, packet: bytes) -> None:
+        source = peer_ip(self.session.peer_address)
+        targets = self.state.cancel_targets(source)
+        if not targets:
+            self._reject("NR", "no_route", "CancelRequest from a source with no live session: not routable by SNI")
+            self._close()
+            return
+        first, *others = targets
+        for target in others:
+            send_cancel_copy(packet, target)
+        self._target_name = str(first.address)
+        self._on_connected = self._send_cancel
+        self._dial(first.cluster, [first.address])
 
     # -- TLS from the client, terminated here (client_tls) ------------------------
 
@@ -793,7 +891,8 @@ class PostgresFront(Front):
         """Relay the startup phase both ways, watching for BackendKeyData, until ReadyForQuery."""
         self._disarm()
         self._client = "relay"
-        self._scanner = pgwire.BackendKeyScanner()
+        originate = self.config.tls == "originate"
+        self._scanner = pgwire.StartupAnswer(strip_channel_binding=originate and not self._client_tls)
         self._arm(STARTUP_TIMEOUT, self._startup_timed_out)
         early, self._buffer = bytes(self._buffer), bytearray()
         if early:
@@ -802,17 +901,62 @@ class PostgresFront(Front):
         self._relay_upstream(answer)
 
     def _relay_client(self, data: bytes) -> None:
+        if self._sasl_check:
+            data = self._check_sasl_choice(data)
+            if not data:
+                return
         up = self.session.up
         if up is not None and not up.lost:
             up.transport.write(data)
 
+    def _check_sasl_choice(self, data: bytes) -> bytes:
+        """Hold the client's bytes until its SASLInitialResponse is whole; return what may go upstream."""
+        self._buffer += data
+        try:
+            choice = pgwire.read_sasl_initial_response(self._buffer)
+        except ProtocolError:
+            choice = None  # not ours to judge: the server answers it
+        else:
+            if choice is None and len(self._buffer) <= CLIENT_BUFFER_LIMIT:
+                return b""
+        self._sasl_check = False
+        held, self._buffer = bytes(self._buffer), bytearray()
+        if choice is not None and (choice.mechanism == pgwire.SCRAM_SHA_256_PLUS or choice.binding_flag in ("p", "y")):
+            self._refuse_channel_binding(choice)
+            return b""
+        return held
+
+    def _refuse_channel_binding(self, choice: pgwire.SaslInitialResponse) -> None:
+        """The client wants SCRAM channel binding, which cannot cross this listener: say so, end both legs."""
+        asked = "chose SCRAM-SHA-256-PLUS" if choice.mechanism == pgwire.SCRAM_SHA_256_PLUS else (
+            f"sent the channel-binding flag {choice.binding_flag!r}"
+        )
+        self._reject("DPE", "channel_binding", f"client {asked}: channel binding cannot cross tls: originate")
+        self._write(pgwire.error_response(
+            pgwire.SQLSTATE_PROTOCOL_VIOLATION,
+            "egressproxy: SCRAM channel binding cannot pass through this listener: it ends the client's TLS "
+            "and opens its own to the database (tls: originate)",
+            detail=f"The client {asked}; its login would be bound to the proxy's certificate, "
+            "which the database would refuse.",
+            hint="connect with channel_binding=disable (libpq, psycopg) or channelBinding=disable (pgjdbc), "
+            "or use a tls: passthrough listener (host + hostaddr, or SNI routes) to keep channel binding "
+            "end to end",
+        ))
+        self._drop_upstream()
+        self._close()
+
     def _relay_upstream(self, data: bytes) -> None:
         scanner = self._scanner
         assert scanner is not None
-        scanner.feed(data)
+        out = scanner.feed(data)
+        # Counted as sent when the leg received it; a rewritten or held message changes that.
+        self.session.bytes_sent += len(out) - len(data)
+        if scanner.sasl and self.config.tls == "originate" and not self._sasl_checked:
+            self._sasl_checked = self._sasl_check = True
         down = self.session.down
         assert down is not None
-        down.transport.write(data)  # counted as sent when the leg received it
+        if out:
+            down.transport.write(out)
         if scanner.done:
             if scanner.error:
                 self.log.warn(
@@ -821,8 +965,21 @@ class PostgresFront(Front):
                 )
             if scanner.key is not None:
                 self._register_key(scanner.key)
+            if scanner.refused is not None:
+                self._login_refused(*scanner.refused)
             self._scanner = None
+            self._sasl_check = False
             self._splice()
+
+    def _login_refused(self, sqlstate: str, message: str) -> None:
+        """The server refused the login (relayed as it was): flag and count its SQLSTATE."""
+        self.session.flag(f"LR:{sqlstate}")
+        self.listener.count_login_refused(sqlstate)
+        self.log.info(
+            "{listener}: {peer} -> {upstream}: login refused by the server: {sqlstate} {message}",
+            listener=self.config.name, peer=format_peer(self.session.peer_address),
+            upstream=self.session.upstream_name, sqlstate=sqlstate, message=message,
+        )
 
     def _startup_timed_out(self) -> None:
         self._timer = None
@@ -869,6 +1026,11 @@ class PostgresFront(Front):
         down.end_preamble(rest)
         up_rest, self._up_buffer = self._up_buffer, b""
         up.end_preamble(up_rest)
+        if self._hello is not None and self.config.routes and self._packet is None:
+            # A routed session, TLS end to end: a cancel from its source may come here.
+            self._routed_source = peer_ip(self.session.peer_address)
+            target = CancelTarget(self.session.cluster, self.session.upstream_address)
+            self.state.add_routed(self._routed_source, self.session, target)
         self.session.splice()
 
     # -- saying no -----------------------------------------------------------------

@@ -25,7 +25,7 @@ from twisted.internet import defer, protocol, reactor, threads
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.trial.unittest import SkipTest, TestCase
 
-from tests.integration.pgserver import PostgresServer
+from tests.integration.pgserver import SUPERUSER_PASSWORD, PostgresServer
 from tests.integration.proxy import InProcessProxy, inline, require_tool, run_process, wait_until
 from tests.integration.test_postgres import (
     SSL_IN_USE,
@@ -238,7 +238,9 @@ class PostgresModeTests(TestCase):
         """A libpq 17+ client with sslnegotiation=direct reaches PostgreSQL 15 through client_tls + originate."""
         need_psycopg(170000)
         proxy = self.originate_client_tls_proxy()
-        conn = await psycopg_connect(self.dsn(self.a, proxy.port("orig"), sslnegotiation="direct"))
+        conn = await psycopg_connect(
+            self.dsn(self.a, proxy.port("orig"), sslnegotiation="direct", channel_binding="disable")
+        )
         try:
             self.assertEqual(await psycopg_query(conn, "select inet_server_port()"), self.a.port)
             self.assertIs(await psycopg_query(conn, SSL_IN_USE), True)
@@ -260,7 +262,9 @@ class PostgresModeTests(TestCase):
         inner = self.originate_client_tls_proxy()
         routes = f'routes:\n  - {{sni: "{A}", upstream: "{A}:{inner.port("orig")}"}}'
         outer = InProcessProxy(self, config([yaml_listener("routed", routes)], [yaml_cluster("unused", f"{A}:1")]))
-        conn = await psycopg_connect(self.dsn(self.a, outer.port("routed"), sslnegotiation="direct"))
+        conn = await psycopg_connect(
+            self.dsn(self.a, outer.port("routed"), sslnegotiation="direct", channel_binding="disable")
+        )
         try:
             self.assertEqual(await psycopg_query(conn, "select inet_server_port()"), self.a.port)
         finally:
@@ -290,8 +294,8 @@ class PostgresModeTests(TestCase):
     @staticmethod
     def plain_dsn(port: int) -> str:
         """What a driver without hostaddr uses: an address as host, plaintext to the proxy."""
-        return (f"host=127.0.0.1 port={port} dbname=postgres user=postgres sslmode=disable "
-                "connect_timeout=10 gssencmode=disable")
+        return (f"host=127.0.0.1 port={port} dbname=postgres user=postgres password={SUPERUSER_PASSWORD} "
+                "sslmode=disable connect_timeout=10 gssencmode=disable")
 
     @inline
     async def test_originate_plaintext_client_reaches_tls_server(self) -> None:
@@ -499,26 +503,10 @@ class PostgresModeTests(TestCase):
     # -- cancel requests -------------------------------------------------------------
 
     async def wait_sleeping(self, server: PostgresServer) -> None:
-        """Wait until ``server`` runs the test's pg_sleep (asked over its unix socket, not the proxy)."""
-        for _ in range(200):
-            out, _, _ = await run_process([
-                require_tool("psql"), "-X", "-A", "-t", "-d", server.superuser_dsn(), "-c",
-                "select count(*) from pg_stat_activity where query like 'select pg_sleep(30)%' and state = 'active'",
-            ])
-            if out.strip() == "1":
-                return
-        self.fail("pg_sleep never started")
+        await wait_sleeping(self, server)
 
     async def cancel_with_sigint(self, dsn: str) -> tuple[str, float]:
-        """Run pg_sleep(30) in psql over ``dsn``, SIGINT it once running; (stderr, seconds to end)."""
-        running, transport = spawn_psql(dsn, "select pg_sleep(30)")
-        self.addCleanup(lambda: transport.signalProcess("KILL") if transport.pid else None)
-        await self.wait_sleeping(self.a)
-        started = reactor.seconds()
-        transport.signalProcess("INT")
-        _, err, code = await running.ended
-        self.assertNotEqual(code, 0)
-        return err, reactor.seconds() - started
+        return await cancel_sleep_with_sigint(self, self.a, dsn)
 
     @inline
     async def test_cancel_originate(self) -> None:
@@ -560,8 +548,33 @@ class PostgresModeTests(TestCase):
         self.assertEqual([line.upstream for line in lines], [f"{B}:{self.b.port}"] * 2)
 
     @inline
+    async def test_psql_cancel_on_routed_listener(self) -> None:
+        """psql 15's Ctrl-C (a plaintext CancelRequest) on an SNI-routed listener reaches the server within 2 s.
+
+        The cancel names no server; the proxy sends it to the endpoint this
+        client's source has a live session with (b, through the {sni} route).
+        """
+        proxy = self.routed_proxy()
+        err, seconds = await cancel_sleep_with_sigint(self, self.b, self.dsn(self.b, proxy.port("routed")))
+        self.assertIn("canceling statement due to user request", err)
+        self.assertLess(seconds, 2, f"cancel took {seconds:.2f}s")
+        lines = await self.lines(proxy, 2)
+        self.assertEqual([line.upstream for line in lines], [f"{B}:{self.b.port}"] * 2)
+
+    @inline
+    async def test_cancel_reaches_every_endpoint_of_the_source(self) -> None:
+        """With live sessions to two servers, one unmatched cancel goes to both; the wrong one ignores it."""
+        proxy = self.routed_proxy()
+        conn_a = await psycopg_connect(self.dsn(self.a, proxy.port("routed")))
+        self.addCleanup(lambda: threads.deferToThread(conn_a.close))
+        err, seconds = await cancel_sleep_with_sigint(self, self.b, self.dsn(self.b, proxy.port("routed")))
+        self.assertIn("canceling statement due to user request", err)
+        self.assertEqual(await psycopg_query(conn_a, "select 1"), 1)
+        self.assertLess(seconds, 2, f"cancel took {seconds:.2f}s")
+
+    @inline
     async def test_plaintext_cancel_on_routed_listener_is_not_routed(self) -> None:
-        """A plaintext CancelRequest on an SNI-routed listener names no server: closed, flag NR, nothing dialled."""
+        """A plaintext CancelRequest from a source with no live session names no server: closed, flag NR, nothing dialled."""
         proxy = self.routed_proxy()
         client = await connectProtocol(
             TCP4ClientEndpoint(reactor, "127.0.0.1", proxy.port("routed")), Collect()
@@ -584,6 +597,30 @@ class PostgresModeTests(TestCase):
         await wait_until(lambda: client.received == b"NS")
         client.transport.loseConnection()
         await wait_until(lambda: client.closed)
+
+
+async def wait_sleeping(test: TestCase, server: PostgresServer) -> None:
+    """Wait until ``server`` runs the test's pg_sleep (asked over its unix socket, not the proxy)."""
+    for _ in range(200):
+        out, _, _ = await run_process([
+            require_tool("psql"), "-X", "-A", "-t", "-d", server.superuser_dsn(), "-c",
+            "select count(*) from pg_stat_activity where query like 'select pg_sleep(30)%' and state = 'active'",
+        ])
+        if out.strip() == "1":
+            return
+    test.fail("pg_sleep never started")
+
+
+async def cancel_sleep_with_sigint(test: TestCase, server: PostgresServer, dsn: str) -> tuple[str, float]:
+    """Run pg_sleep(30) in psql over ``dsn``, SIGINT it once ``server`` runs it; (stderr, seconds to end)."""
+    running, transport = spawn_psql(dsn, "select pg_sleep(30)")
+    test.addCleanup(lambda: transport.signalProcess("KILL") if transport.pid else None)
+    await wait_sleeping(test, server)
+    started = reactor.seconds()
+    transport.signalProcess("INT")
+    _, err, code = await running.ended
+    test.assertNotEqual(code, 0)
+    return err, reactor.seconds() - started
 
 
 def psycopg_sleep(conn: Any) -> None:
