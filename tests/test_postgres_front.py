@@ -18,6 +18,7 @@ from egressproxy import pgwire, tlshello
 from egressproxy.config import Address, ClientTLS, ClusterTLS, PostgresRoute
 from egressproxy.modes.postgres import (
     HANDSHAKE_TIMEOUT,
+    MAX_CANCEL_FANOUT,
     PostgresListenerState,
     match_route,
     route_address,
@@ -54,13 +55,13 @@ def harness(pins: dict[str, str] | None = None, **listener: Any) -> Harness:
     return Harness(listener=listener_config(**values), pins=pins)
 
 
-def routed(**listener: Any) -> Harness:
-    """a.db.egress.test -> cluster a; *.db.egress.test -> {sni}:6543 (pinned to 127.0.0.7)."""
+def routed(pins: dict[str, str] | None = None, **listener: Any) -> Harness:
+    """a.db.egress.test -> cluster a; *.db.egress.test -> {sni}:6543 (b pinned to 127.0.0.7, others by ``pins``)."""
     routes = (
         PostgresRoute(sni="a.db.egress.test", cluster="a"),
         PostgresRoute(sni="*.db.egress.test", upstream="{sni}:6543"),
     )
-    h = harness(pins={"b.db.egress.test": "127.0.0.7"}, cluster=None, routes=routes, **listener)
+    h = harness(pins={"b.db.egress.test": "127.0.0.7", **(pins or {})}, cluster=None, routes=routes, **listener)
     cluster_a = UpstreamCluster(
         cluster_config(name="a", endpoints=(Address("127.0.0.5", 5432),)), h.reactor, lambda host: None
     )
@@ -272,13 +273,101 @@ class RoutedTests(Case):
         self.assertEqual(self.record(h).flags, ("UO",))
 
     def test_plaintext_cancel_not_routable(self) -> None:
-        """A plaintext CancelRequest on a routed listener is closed, flag NR, nothing dialled."""
+        """A plaintext CancelRequest from a source with no live session is closed, flag NR, nothing dialled."""
         h = self.h(routed())
         client, ct = h.connect_client()
         client.dataReceived(CANCEL)
         self.assertEqual((ct.value(), ct.disconnecting, h.reactor.tcpClients), (b"", True, []))
         self.end(h, (client, ct))
         self.assertEqual(self.record(h).flags, ("NR",))
+
+    def live_session(self, h: Harness, hello: bytes, source: str = "127.0.0.1", port: int = 50000) -> list[Any]:
+        """A routed session spliced for ``hello`` from ``source``; its legs and transports."""
+        client, ct = h.connect_client(IPv4Address("TCP", source, port))
+        client.dataReceived(SSL_REQUEST + hello)
+        up, ut = accept(h)
+        up.dataReceived(b"S")
+        self.assertIs(ct.producer, ut)
+        return [(client, ct), (up, ut)]
+
+    def test_plaintext_cancel_goes_to_the_sources_endpoint(self) -> None:
+        """A plaintext cancel from a source with a live routed session is sent to that session's endpoint only."""
+        h = self.h(routed())
+        session = self.live_session(h, HELLO_A)
+        other = self.live_session(h, client_hello(b"b.db.egress.test"), source="127.0.0.9")
+        canceller, cct = h.connect_client(IPv4Address("TCP", "127.0.0.1", 50001))
+        canceller.dataReceived(CANCEL)
+        self.assertEqual(h.reactor.tcpClients[-1][:2], ("127.0.0.5", 5432))
+        self.assertEqual(len(h.reactor.tcpClients), 3)  # the two sessions and this cancel: 127.0.0.9's endpoint untouched
+        cup, cut = accept(h)
+        self.assertEqual(cut.value(), CANCEL)
+        self.assertTrue(cct.disconnecting)
+        self.end(h, (canceller, cct), (cup, cut), *session, *other)
+        records = h.records()
+        self.assertEqual([(r.upstream, r.flags) for r in records[:1]], [("127.0.0.5:5432", ())])
+
+    def test_cancel_copies_to_each_endpoint_of_the_source(self) -> None:
+        """Sessions of one source to two endpoints: the cancel reaches both, newest first; copies leave no record."""
+        h = self.h(routed())
+        first = self.live_session(h, HELLO_A)
+        second = self.live_session(h, client_hello(b"b.db.egress.test"), port=50002)
+        canceller, cct = h.connect_client(IPv4Address("TCP", "127.0.0.1", 50001))
+        canceller.dataReceived(CANCEL)
+        dialled = [client[:2] for client in h.reactor.tcpClients[2:]]
+        self.assertEqual(sorted(dialled), [("127.0.0.5", 5432), ("127.0.0.7", 6543)])
+        copy_host, copy_port, copy_factory, _, _ = h.reactor.tcpClients[2]
+        copy = copy_factory.buildProtocol(IPv4Address("TCP", copy_host, copy_port))
+        copy_transport = HalfCloseTransport()
+        copy.makeConnection(copy_transport)
+        self.assertEqual((copy_transport.value(), copy_transport.disconnecting), (CANCEL, True))
+        copy.connectionLost(Failure(ConnectionDone()))
+        cup, cut = accept(h)
+        self.assertEqual(cut.value(), CANCEL)
+        self.end(h, (canceller, cct), (cup, cut), *first, *second)
+        self.assertEqual(len(h.records()), 3)
+        self.assertEqual(h.listener.cluster.breaker.active + h.cluster_a.breaker.active, 0)
+
+    def test_cancel_fanout_is_bounded(self) -> None:
+        """However many endpoints a source has sessions with, one cancel reaches at most MAX_CANCEL_FANOUT."""
+        names = [f"n{i}.db.egress.test" for i in range(MAX_CANCEL_FANOUT + 3)]
+        h = self.h(routed(pins={name: f"127.0.1.{i}" for i, name in enumerate(names)}))
+        sessions = []
+        for i, name in enumerate(names):
+            sessions += self.live_session(h, client_hello(name.encode()), port=51000 + i)
+        before = len(h.reactor.tcpClients)
+        canceller, cct = h.connect_client(IPv4Address("TCP", "127.0.0.1", 50001))
+        canceller.dataReceived(CANCEL)
+        dialled = {client[0] for client in h.reactor.tcpClients[before:]}
+        newest = {f"127.0.1.{i}" for i in range(len(names) - MAX_CANCEL_FANOUT, len(names))}
+        self.assertEqual(dialled, newest)
+        lose(canceller, cct)
+        self.end(h, *sessions)
+        for _ in range(5):  # the copies' dials are never answered: let them time out (bounded attempts)
+            h.reactor.advance(6)
+        self.assertEqual(h.listener.cluster.breaker.pending, 0)
+
+    def test_finished_session_is_forgotten(self) -> None:
+        """Once a source's session has ended, its cancel is refused again (NR)."""
+        h = self.h(routed())
+        session = self.live_session(h, HELLO_A)
+        self.end(h, *session)
+        self.assertEqual(PostgresListenerState.of(h.listener).routed_by_source, {})
+        canceller, cct = h.connect_client()
+        canceller.dataReceived(CANCEL)
+        self.assertTrue(cct.disconnecting)
+        self.end(h, (canceller, cct))
+        self.assertEqual(h.records()[-1].flags, ("NR",))
+
+    def test_long_cancel_key_forwarded(self) -> None:
+        """A protocol 3.2 CancelRequest (PostgreSQL 18, 32-byte key) is forwarded whole."""
+        h = self.h(routed())
+        session = self.live_session(h, HELLO_A)
+        long_cancel = struct.pack("!iii", 12 + 32, pgwire.CANCEL_REQUEST_CODE, 4242) + bytes(range(32))
+        canceller, cct = h.connect_client()
+        canceller.dataReceived(long_cancel)
+        cup, cut = accept(h)
+        self.assertEqual(cut.value(), long_cancel)
+        self.end(h, (canceller, cct), (cup, cut), *session)
 
     def test_client_gone_while_dialling(self) -> None:
         """A client that leaves while the route is dialled cancels the dial; one record, no timers."""
@@ -660,6 +749,77 @@ class OriginateTests(Case):
         self.assertEqual(fields["M"], "egressproxy: TLS with db.egress.test:5432 failed: certificate verify failed")
         self.end(h, (client, ct))
         self.assertEqual(h.cluster.connect_failures["tls"], 1)
+
+    def login(self, h: Harness, answer: bytes) -> tuple[list[Any], bytes]:
+        """A plaintext client's startup through originate, the server answering ``answer``; (legs, relayed)."""
+        client, ct = h.connect_client()
+        client.dataReceived(STARTUP)
+        up, ut = accept(h, TLSTransport())
+        up.dataReceived(b"S")
+        up.dataReceived(answer)
+        return [(client, ct), (up, ut)], ct.value()
+
+    def test_plus_withheld_from_plaintext_client(self) -> None:
+        """The server's SCRAM-SHA-256-PLUS is removed before the list reaches a plaintext client; counts follow."""
+        h = self.originate()
+        offered = pgwire.sasl_request(["SCRAM-SHA-256-PLUS", "SCRAM-SHA-256"])
+        legs, relayed = self.login(h, offered)
+        self.assertEqual(relayed, pgwire.sasl_request(["SCRAM-SHA-256"]))
+        [(client, ct), (up, ut)] = legs
+        first = message(b"p", b"SCRAM-SHA-256\x00" + struct.pack("!i", 11) + b"n,,n=,r=abc")
+        client.dataReceived(first[:4])
+        client.dataReceived(first[4:])
+        self.assertTrue(ut.value().endswith(first))
+        up.dataReceived(BACKEND_START)
+        self.end(h, *legs)
+        record = self.record(h)
+        self.assertEqual(record.flags, ())
+        self.assertEqual(record.bytes_sent, len(relayed) + len(BACKEND_START))
+
+    def test_wrong_password_flagged(self) -> None:
+        """An ErrorResponse in the startup answer is relayed, flagged LR:<SQLSTATE> and counted."""
+        h = self.originate()
+        error = pgwire.error_response("28P01", 'password authentication failed for user "app"')
+        legs, relayed = self.login(h, message(b"R", struct.pack("!i", 5) + b"salt") + error)
+        self.assertTrue(relayed.endswith(error))
+        self.end(h, *legs)
+        self.assertEqual(self.record(h).flags, ("LR:28P01",))
+        self.assertEqual(h.listener.login_refused, {"28P01": 1})
+
+    def test_channel_binding_flag_refused(self) -> None:
+        """A client sending GS2 flag y or p (or choosing -PLUS) gets the proxy's FATAL; nothing goes upstream."""
+        cases = [
+            (b"SCRAM-SHA-256", b"y,,n=,r=abc"),
+            (b"SCRAM-SHA-256-PLUS", b"p=tls-server-end-point,,n=,r=abc"),
+        ]
+        for mechanism, data in cases:
+            h = self.originate()
+            legs, _ = self.login(h, pgwire.sasl_request(["SCRAM-SHA-256"]))
+            [(client, ct), (up, ut)] = legs
+            sent_before = ut.value()
+            ct.clear()
+            client.dataReceived(message(b"p", mechanism + b"\x00" + struct.pack("!i", len(data)) + data))
+            self.assertEqual(ut.value(), sent_before)
+            fields = parse_error(ct.value())
+            self.assertEqual(fields["C"], "08P01")
+            self.assertIn("channel binding cannot pass through this listener", fields["M"])
+            self.assertIn("channel_binding=disable", fields["H"])
+            self.assertTrue(ct.disconnecting)
+            self.end(h, *legs)
+            self.assertEqual(self.record(h).flags, ("DPE",))
+            self.assertEqual(h.listener.rejected["channel_binding"], 1)
+
+    def test_md5_request_relayed_unchanged(self) -> None:
+        """An md5 request and the client's answer pass unchanged; no SASL check holds the answer back."""
+        h = self.originate()
+        request = message(b"R", struct.pack("!i", 5) + b"salt")
+        legs, relayed = self.login(h, request)
+        self.assertEqual(relayed, request)
+        [(client, ct), (up, ut)] = legs
+        answer = message(b"p", b"md5abcdef\x00")
+        client.dataReceived(answer)
+        self.assertTrue(ut.value().endswith(answer))
+        self.end(h, *legs)
 
     def test_direct_tls_without_client_tls(self) -> None:
         """A direct-TLS client of an originate listener without client_tls gets a handshake_failure alert."""
