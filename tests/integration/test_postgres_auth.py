@@ -24,9 +24,9 @@ from twisted.trial.unittest import TestCase
 from tests.integration.pgserver import MD5_ROLE, PASSWORD_ROLE, REJECTED_ROLE, role_password
 from tests.integration.proxy import InProcessProxy, inline, require_tool, run_process
 from tests.integration.test_postgres import SSL_IN_USE, parse_access, psql
+from tests.integration import test_postgres_mode as modes
 from tests.integration.test_postgres_mode import (
     A,
-    PostgresModeTests,
     cancel_sleep_with_sigint,
     psycopg_connect,
     psycopg_query,
@@ -56,7 +56,7 @@ class OriginateScramTests(TestCase):
 
     def originate(self) -> InProcessProxy:
         # PostgresModeTests' helper reads only ``self.a`` and adds cleanups.
-        return PostgresModeTests.originate_proxy(self)  # type: ignore[arg-type]
+        return modes.PostgresModeTests.originate_proxy(self)  # type: ignore[arg-type]
 
     async def lines(self, proxy: InProcessProxy, count: int = 1) -> list[Any]:
         return [parse_access(line) for line in await proxy.wait_for_lines(count)]
@@ -134,6 +134,16 @@ class OriginateScramTests(TestCase):
         self.assertEqual(login_refused(proxy), {"28000": 1})
 
     @inline
+    async def test_unknown_database_is_flagged_3d000(self) -> None:
+        """A database that does not exist: the server's error relayed, LR:3D000."""
+        proxy = self.originate()
+        _, err, code = await psql(plain_dsn(proxy.port("orig"), dbname="no_such_db"), "select 1")
+        self.assertNotEqual(code, 0)
+        self.assertIn('database "no_such_db" does not exist', err)
+        [line] = await self.lines(proxy)
+        self.assertEqual(line.flags, "LR:3D000")
+
+    @inline
     async def test_plaintext_channel_binding_require_is_stopped_by_libpq(self) -> None:
         """A plaintext client that requires channel binding is stopped by libpq itself, before any password.
 
@@ -164,10 +174,10 @@ class ClientTlsChannelBindingTests(TestCase):
         self.a, _ = servers()
 
     def proxy(self) -> InProcessProxy:
-        return PostgresModeTests.originate_client_tls_proxy(self)  # type: ignore[arg-type]
+        return modes.PostgresModeTests.originate_client_tls_proxy(self)  # type: ignore[arg-type]
 
     def client_tls_files(self) -> tuple[str, str]:
-        return PostgresModeTests.client_tls_files(self)  # type: ignore[arg-type]
+        return modes.PostgresModeTests.client_tls_files(self)  # type: ignore[arg-type]
 
     def dsn(self, port: int, **extra: str) -> str:
         return self.a.dsn(port=port, **extra)
