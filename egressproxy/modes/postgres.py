@@ -130,6 +130,10 @@ UPSTREAM_BUFFER_LIMIT = 64 * 1024
 #: How many upstream endpoints one unmatched plaintext cancel may reach on
 #: an SNI-routed listener (the newest sessions of its source first).
 MAX_CANCEL_FANOUT = 4
+#: How long a sent CancelRequest's connection is kept open for the server to
+#: close it, as libpq does.  Hanging up at once loses the cancel with some
+#: servers (PgBouncer before 1.19.1 drops it, or exits, on an early EOF).
+CANCEL_LINGER = 5.0
 
 _HOST_LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)\Z")
 
@@ -250,18 +254,27 @@ def _pem_blocks(data: bytes) -> list[bytes]:
 
 
 class _CancelCopy(Protocol):
-    """Delivers one CancelRequest to an extra endpoint and hangs up (no session, no log line)."""
+    """Delivers one CancelRequest to an extra endpoint (no session, no log line).
+
+    Like libpq, it waits for the server to hang up (at most ``CANCEL_LINGER``).
+    """
 
     def __init__(self, packet: bytes, cluster: UpstreamCluster, address: Address) -> None:
         self.packet = packet
         self.cluster = cluster
         self.address = address
+        self._linger: IDelayedCall | None = None
 
     def connectionMade(self) -> None:
         self.transport.write(self.packet)
-        self.transport.loseConnection()
+        self._linger = self.cluster.reactor.callLater(CANCEL_LINGER, self.transport.loseConnection)
+
+    def dataReceived(self, data: bytes) -> None:
+        """A server says nothing to a cancel; anything it does say is dropped."""
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        if self._linger is not None and self._linger.active():
+            self._linger.cancel()
         self.cluster.released(self.address)
 
 
@@ -1000,7 +1013,11 @@ class PostgresFront(Front):
             self._await_upstream(self._cancel_answer)
             return
         self._write_up(self._packet.data)
-        self._close()
+        self._await_cancel_close()
+
+    def _await_cancel_close(self) -> None:
+        """The cancel is sent: wait for the server to hang up (ending the session), as libpq does."""
+        self._arm(CANCEL_LINGER, self._close)
 
     def _cancel_answer(self) -> None:
         self._disarm()
@@ -1011,8 +1028,8 @@ class PostgresFront(Front):
         if not self._start_upstream_tls():
             return
         assert self._packet is not None
-        self._write_up(self._packet.data)  # flushed after the handshake, then the leg closes
-        self._close()
+        self._write_up(self._packet.data)  # flushed after the handshake
+        self._await_cancel_close()
 
     # -- the splice --------------------------------------------------------------
 
