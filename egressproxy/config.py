@@ -845,7 +845,29 @@ class ListenerConfig:
         ),
     )
     max_connections: int = attrs.field(default=10000, validator=_check_positive_int)
+    #: At most this many connections from one source address (after any PROXY
+    #: header); default half of max_connections, so no one source fills a listener.
+    max_connections_per_source: int = attrs.field(
+        default=attrs.Factory(lambda self: max(1, self.max_connections // 2), takes_self=True),
+        validator=_check_positive_int,
+    )
     proxy_protocol: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
+    #: The peers allowed to send a PROXY header (None: any peer, as before).
+    proxy_protocol_trusted: tuple[IPNetwork, ...] | None = attrs.field(
+        default=None,
+        validator=attrs.validators.optional(_tuple_of((IPv4Network, IPv6Network), non_empty=True)),
+    )
+    # -- address checks (forward modes, postgres {sni} routes) ------------------
+    #: Exceptions to the built-in list of refused (internal) address ranges.
+    allow_addresses: tuple[IPNetwork, ...] = attrs.field(
+        default=(), validator=_tuple_of((IPv4Network, IPv6Network), non_empty=False)
+    )
+    #: More ranges to refuse.
+    deny_addresses: tuple[IPNetwork, ...] = attrs.field(
+        default=(), validator=_tuple_of((IPv4Network, IPv6Network), non_empty=False)
+    )
+    #: ``enforce`` refuses what the policy forbids; ``report`` allows it, logs and counts it.
+    policy: str = attrs.field(default="enforce", validator=attrs.validators.in_(("enforce", "report")))
     # -- mode: postgres ---------------------------------------------------
     #: ``passthrough`` (TLS end to end, routing by SNI) or ``originate``.
     tls: str = attrs.field(default="passthrough", validator=attrs.validators.in_(("passthrough", "originate")))
@@ -860,6 +882,9 @@ class ListenerConfig:
         default=(), validator=_tuple_of(DestinationRule, non_empty=False)
     )
     users: tuple[User, ...] = attrs.field(default=(), validator=_tuple_of(User, non_empty=False))
+    #: Allowlist entries (as written) that check-config would call too broad,
+    #: marked by the operator as intended.
+    accept_risk: tuple[str, ...] = attrs.field(default=(), validator=_tuple_of(str, non_empty=False))
 
 
 @attrs.frozen

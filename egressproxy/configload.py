@@ -144,24 +144,36 @@ _LISTENER_KEYS = (
     "log_prefix",
     "allow_sources",
     "max_connections",
+    "max_connections_per_source",
     "proxy_protocol",
+    "proxy_protocol_trusted",
+    "allow_addresses",
+    "deny_addresses",
+    "policy",
     "tls",
     "require_tls",
     "routes",
     "client_tls",
     "allow_destinations",
     "users",
+    "accept_risk",
 )
 #: Listener keys that belong to some modes only, with the modes and how the
 #: error names them.
 _MODE_KEYS = (
     (("tls", "require_tls", "routes", "client_tls"), ("postgres",), "postgres"),
     (
-        ("allow_destinations", "users"),
+        ("allow_destinations", "users", "accept_risk"),
         ("http_connect", "socks5"),
         "http_connect or socks5",
     ),
+    (
+        ("allow_addresses", "deny_addresses", "policy"),
+        ("postgres", "http_connect", "socks5"),
+        "postgres, http_connect or socks5",
+    ),
 )
+_POLICIES = ("enforce", "report")
 _LISTENER_TLS = ("passthrough", "originate")
 _ROUTE_KEYS = ("sni", "cluster", "upstream")
 _CLIENT_TLS_KEYS = ("cert", "key")
@@ -611,7 +623,19 @@ class _Builder:
         )
         allow_sources = read("allow_sources", self._allow_sources)
         max_connections = read("max_connections", self.positive, 10000)
+        per_source = read("max_connections_per_source", self.positive)
         proxy_protocol = read("proxy_protocol", self.boolean, False)
+        proxy_protocol_trusted = read("proxy_protocol_trusted", self._trusted_proxies)
+        allow_addresses = read("allow_addresses", self._address_ranges, ())
+        deny_addresses = read("deny_addresses", self._address_ranges, ())
+        policy = read("policy", self._policy, "enforce")
+        accept_risk = read("accept_risk", self._accept_risk, ())
+        if proxy_protocol_trusted is not None and proxy_protocol is False:
+            self.report(
+                fields.key_nodes["proxy_protocol_trusted"], path + ("proxy_protocol_trusted",),
+                "only with proxy_protocol: true (it names who may send the PROXY header)",
+            )
+            read.ok = False
         tls = read("tls", self._listener_tls) if "tls" in fields else "passthrough"
         require_tls = read("require_tls", self.boolean, False)
         routes = read("routes", self._routes, ())
@@ -641,6 +665,9 @@ class _Builder:
             max_connections=max_connections, proxy_protocol=proxy_protocol,
             tls=tls, require_tls=require_tls, routes=routes, client_tls=client_tls,
             allow_destinations=allow_destinations, users=users,
+            proxy_protocol_trusted=proxy_protocol_trusted, allow_addresses=allow_addresses,
+            deny_addresses=deny_addresses, policy=policy, accept_risk=accept_risk,
+            **({} if per_source is None else {"max_connections_per_source": per_source}),
         )
 
     def _check_mode_keys(self, fields: _Fields, path: Path, mode: str | None) -> bool:
@@ -791,6 +818,34 @@ class _Builder:
             "an empty list would refuse every client; remove the key to allow any source",
         )
         return self.each(items, path, self._network)
+
+    def _trusted_proxies(self, node: yaml.Node, path: Path) -> tuple[IPNetwork, ...]:
+        items = self.non_empty_sequence(
+            node, path, "CIDRs or IP addresses",
+            "an empty list would refuse every PROXY header; list the proxies that send it "
+            "(e.g. Fly's proxy), or remove the key to accept it from any peer",
+        )
+        return self.each(items, path, self._network)
+
+    def _address_ranges(self, node: yaml.Node, path: Path) -> tuple[IPNetwork, ...]:
+        items = self.sequence(node, path, "CIDRs or IP addresses")
+        return self.each(items, path, self._network)
+
+    def _policy(self, node: yaml.Node, path: Path) -> str:
+        value = self.scalar(node, path, "enforce or report")
+        if value not in _POLICIES:
+            self.fail(node, path, f"expected enforce or report, got {_show(value)}")
+        return value
+
+    def _accept_risk(self, node: yaml.Node, path: Path) -> tuple[str, ...]:
+        items = self.sequence(node, path, "allowlist entries as written")
+        return tuple(self.each(items, path, self._entry_text))
+
+    def _entry_text(self, node: yaml.Node, path: Path) -> str:
+        value = self.scalar(node, path, "an allowlist entry")
+        if not isinstance(value, str):
+            self.fail(node, path, f"expected an allowlist entry as written (e.g. \"*.co.uk:443\"), got {_show(value)}")
+        return value
 
     def _network(self, node: yaml.Node, path: Path) -> IPNetwork:
         expected = (
