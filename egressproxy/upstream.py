@@ -13,6 +13,16 @@ in round-robin order, each bounded by ``connect_timeout`` (DNS included).
 There is no delay between attempts: a refused connect is cheap, and the
 attempts are bounded in number.  This module does not know about TLS.
 
+Address checks (``addrguard.py``): a dial for a client-chosen destination
+carries a :class:`~egressproxy.addrguard.AddressPolicy`.  Its name is then
+resolved here, once per dial, every answer is judged, and only the answers
+that pass are connected to, by address (no second lookup).  Every dial,
+guarded or not, is refused when the address it reaches is one of the
+proxy's own listening sockets: checked before connecting where the address
+is known, and in ``_OnceFactory`` (before any byte moves) where
+``HostnameEndpoint`` resolved it.  Either refusal fails the dial at once,
+without further attempts, with flag ``IA``.
+
 Health: endpoints that the cluster's health checker (``health.py``) marked
 unhealthy are left out of the rotation while at least one endpoint is not;
 when all of them are unhealthy, all are tried anyway (panic mode, counted in
@@ -25,11 +35,14 @@ import ipaddress
 from typing import Callable
 
 from twisted.internet import defer, error
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.interfaces import IProtocol, IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 
+from egressproxy import addrguard
+from egressproxy.addrguard import AddressPolicy, AddressRefused, OwnSockets
 from egressproxy.breaker import CircuitBreaker
 from egressproxy.config import Address, ClusterConfig
 from egressproxy.histogram import Histogram
@@ -112,6 +125,8 @@ class UpstreamCluster:
         self.connect_failures: dict[str, int] = dict.fromkeys(CONNECT_FAILURE_REASONS, 0)
         self.connect_seconds = Histogram()
         self.endpoints: dict[Address, EndpointState] = {a: EndpointState(a) for a in config.endpoints}
+        #: The proxy's own listening sockets, never dialled (set by the service).
+        self.own: OwnSockets = addrguard.NO_SOCKETS
         self._next_endpoint = 0
         #: Dials started while every endpoint was unhealthy (panic mode).
         self.panic_total = 0
@@ -170,36 +185,83 @@ class UpstreamCluster:
         return endpoints[start:] + endpoints[:start]
 
     def dial(
-        self, protocol: Protocol, on_attempt: Callable[[Address], None], endpoints: list[Address] | None = None
+        self,
+        protocol: Protocol,
+        on_attempt: Callable[[Address], None],
+        endpoints: list[Address] | None = None,
+        policy: AddressPolicy | None = None,
     ) -> UpstreamDial | None:
         """Start connecting ``protocol``; None when the breaker is open.
 
         ``endpoints`` overrides the cluster's own (a destination a front
         chose: a routed server name, a CONNECT target); the cluster's
-        limits, timeouts and counters still apply.
+        limits, timeouts and counters still apply.  With ``policy`` (a
+        client-chosen destination), names are resolved and checked here
+        (module notes); a ``hosts:`` pin is the operator's and is not.
         """
         if not self.breaker.try_acquire_pending():
             return None
         if endpoints is None and self.panicking():
             self.panic_total += 1
-        attempt = UpstreamDial(self, protocol, on_attempt, endpoints)
+        attempt = UpstreamDial(self, protocol, on_attempt, endpoints, policy)
         attempt.start()
         return attempt
+
+
+class _Addresses:
+    """Collects one resolution's addresses (an ``IResolutionReceiver``) into a Deferred."""
+
+    def __init__(self) -> None:
+        self.deferred: defer.Deferred[list[addrguard.IPAddress]] = defer.Deferred()
+        self.ips: list[addrguard.IPAddress] = []
+
+    def resolutionBegan(self, resolution: object) -> None:
+        pass
+
+    def addressResolved(self, address: object) -> None:
+        if isinstance(address, (IPv4Address, IPv6Address)):
+            try:
+                self.ips.append(ipaddress.ip_address(address.host.split("%", 1)[0]))
+            except ValueError:
+                pass
+
+    def resolutionComplete(self) -> None:
+        if not self.deferred.called:
+            self.deferred.callback(self.ips)
+
+
+def resolve(reactor: object, host: str) -> defer.Deferred[list[addrguard.IPAddress]]:
+    """Every address ``host`` resolves to (A and AAAA), through the reactor's resolver."""
+    receiver = _Addresses()
+    reactor.nameResolver.resolveHostName(receiver, host, 0)  # type: ignore[attr-defined]
+    return receiver.deferred
 
 
 class _OnceFactory(Factory):
     """Hands out the one protocol instance once, then refuses (closes) any second connection.
 
     HostnameEndpoint may race connections to several addresses; only the
-    first to connect may own the leg.
+    first to connect may own the leg.  A connection that reached one of the
+    proxy's own listening sockets is refused too, before any byte moves.
     """
 
     noisy = False  # one per connection: no "Starting factory" log lines
 
-    def __init__(self, protocol: Protocol) -> None:
+    def __init__(self, protocol: Protocol, own: OwnSockets = addrguard.NO_SOCKETS) -> None:
         self._protocol: Protocol | None = protocol
+        self._own = own
+        #: Set when a connection was refused for reaching the proxy itself.
+        self.reached_own = False
 
     def buildProtocol(self, addr: object) -> Protocol | None:
+        if isinstance(addr, (IPv4Address, IPv6Address)):
+            try:
+                ip = ipaddress.ip_address(addr.host.split("%", 1)[0])
+            except ValueError:
+                ip = None
+            if ip is not None and self._own.includes(ip, addr.port):
+                self.reached_own = True
+                return None
         protocol, self._protocol = self._protocol, None
         return protocol
 
@@ -217,16 +279,23 @@ class UpstreamDial:
         protocol: Protocol,
         on_attempt: Callable[[Address], None],
         endpoints: list[Address] | None = None,
+        policy: AddressPolicy | None = None,
     ) -> None:
         self.cluster = cluster
         self.protocol = protocol
         self.on_attempt = on_attempt
+        self.policy = policy
         self.deferred: defer.Deferred[IProtocol] = defer.Deferred()
         self._order = endpoints if endpoints else cluster.endpoint_order()
         self._attempts_left = cluster.config.max_connect_attempts
         self._tried = 0
         self._attempt: defer.Deferred[IProtocol] | None = None
         self._done = False
+        #: A checked name's passing addresses, resolved once per dial.
+        self._checked: dict[Address, list[addrguard.IPAddress]] = {}
+        self._factory: _OnceFactory | None = None
+        #: Report mode: what the policy would have refused, though dialled.
+        self.reported: AddressRefused | None = None
 
     def start(self) -> None:
         self._attempt_next()
@@ -238,17 +307,76 @@ class UpstreamDial:
         self._attempts_left -= 1
         self.address = address
         self.on_attempt(address)
-        host = cluster.pinned(address.host) or address.host
         timeout = cluster.config.connect_timeout
-        endpoint = client_endpoint(cluster.reactor, host, address.port, timeout)
         self._timed_out = False
         self._started = cluster.reactor.seconds()
         # One deadline for the whole attempt, name resolution included
         # (HostnameEndpoint's own timeout covers only each TCP connect).
         self._deadline = cluster.reactor.callLater(timeout, self._attempt_timed_out)
-        attempt = endpoint.connect(_OnceFactory(self.protocol))
+        pinned = cluster.pinned(address.host)
+        host = pinned or address.host
+        try:
+            literal: addrguard.IPAddress | None = ipaddress.ip_address(host)
+        except ValueError:
+            literal = None
+        guard = addrguard.DialGuard(None if pinned else self.policy, cluster.own)
+        if literal is not None:
+            refused = guard.check(literal, address.port)
+            self.reported = self.reported or guard.reported
+            if refused is not None:
+                self._refuse(refused)
+                return
+        elif self.policy is not None and not pinned:
+            self._resolve_then_connect(address, guard)
+            return
+        self._connect(client_endpoint(cluster.reactor, host, address.port, timeout))
+
+    def _connect(self, endpoint: IStreamClientEndpoint) -> None:
+        self._factory = _OnceFactory(self.protocol, self.cluster.own)
+        attempt = endpoint.connect(self._factory)
         self._attempt = attempt
         attempt.addCallbacks(self._connected, self._failed)
+
+    def _resolve_then_connect(self, address: Address, guard: addrguard.DialGuard) -> None:
+        """Resolve a client-chosen name once, keep the answers that pass, connect to one by address."""
+        checked = self._checked.get(address)
+        if checked is not None:
+            self._connect_checked(address, checked)
+            return
+        resolving: defer.Deferred[list[addrguard.IPAddress]] = resolve(self.cluster.reactor, address.host)
+        self._attempt = resolving  # type: ignore[assignment]
+
+        def resolved(ips: list[addrguard.IPAddress]) -> None:
+            self._attempt = None
+            if self._done:
+                return
+            if not ips:
+                self._failed(Failure(error.DNSLookupError(f"{address.host} has no address")))
+                return
+            passed, refused = guard.filter(ips, address.port)
+            self.reported = self.reported or guard.reported
+            if not passed:
+                assert refused is not None
+                self._refuse(refused)
+                return
+            self._checked[address] = passed
+            self._connect_checked(address, passed)
+
+        def failed(failure: Failure) -> None:
+            self._attempt = None
+            self._failed(failure)
+
+        resolving.addCallbacks(resolved, failed)
+
+    def _connect_checked(self, address: Address, ips: list[addrguard.IPAddress]) -> None:
+        """Connect to one of a name's checked addresses: the next one at each attempt."""
+        ip = ips[(self._tried - 1) % len(ips)]
+        self._connect(client_endpoint(self.cluster.reactor, str(ip), address.port, self.cluster.config.connect_timeout))
+
+    def _refuse(self, refused: AddressRefused) -> None:
+        """The destination may not be dialled: fail the whole dial now (no more attempts)."""
+        self._attempts_left = 0
+        self._failed(Failure(refused))
 
     def _attempt_timed_out(self) -> None:
         self._timed_out = True
@@ -272,8 +400,20 @@ class UpstreamDial:
         self._settled()
         if self._done:
             return
+        if self._factory is not None and self._factory.reached_own and failure.check(error.NoProtocol):
+            failure = Failure(AddressRefused(addrguard.REASON_OWN, "is one of this proxy's own listening sockets"))
+            self._attempts_left = 0
         if self._timed_out:
             failure = Failure(error.TimeoutError(f"no connection within {self.cluster.config.connect_timeout:g}s"))
+        refused = failure.check(AddressRefused)
+        if refused:
+            self._attempts_left = 0
+            self._done = True
+            self.cluster.breaker.connect_failed()
+            self.deferred.errback(UpstreamConnectFailed(
+                self.address, failure.value.reason, addrguard.FLAG, failure.value.what
+            ))
+            return
         reason, flag = classify_connect_failure(failure)
         failures = self.cluster.connect_failures
         failures[reason] = failures.get(reason, 0) + 1
