@@ -2,10 +2,12 @@
 
 This module owns reading the file: a SafeLoader that refuses duplicate keys
 and keeps line numbers, ``${ENV}`` interpolation, every key's parsing, the
-cross-checks that need the whole file (names, references, listen clashes),
-and every error message, each ``FILE:LINE: key.path: message``, all
-reported at once.  The objects it builds, and their own field rules, live in
-``config.py``, which re-exports :func:`load_config` and :func:`parse_config`.
+cross-checks that need the whole file (names, references, listen clashes,
+endpoints that are the proxy's own sockets, and ``allowlint``'s judgement of
+forward-proxy allowlists with their ``accept_risk`` marks), and every error
+message, each ``FILE:LINE: key.path: message``, all reported at once.  The
+objects it builds, and their own field rules, live in ``config.py``, which
+re-exports :func:`load_config` and :func:`parse_config`.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any, NoReturn
 import attrs
 import yaml
 
+from egressproxy import allowlint
 from egressproxy.config import (
     AccessLogConfig,
     Address,
@@ -177,7 +180,8 @@ _POLICIES = ("enforce", "report")
 _LISTENER_TLS = ("passthrough", "originate")
 _ROUTE_KEYS = ("sni", "cluster", "upstream")
 _CLIENT_TLS_KEYS = ("cert", "key")
-_USER_KEYS = ("name", "password")
+_USER_KEYS = ("name", "password", "allow_destinations")
+_USER_REQUIRED = ("name", "password")
 #: SOCKS5 username/password authentication (RFC 1929) carries each in at most
 #: 255 bytes.
 _SOCKS5_MAX_CREDENTIAL = 255
@@ -256,6 +260,12 @@ class _Builder:
         # Every address something will listen on; the node is None for an
         # admin or metrics default the file does not spell out.
         self.listens: list[tuple[ListenAddress, yaml.Node | None, Path]] = []
+        # Forward-proxy listeners read without error, with their nodes, for
+        # the allowlist checks (which need every listen address).
+        self.forward_listeners: list[tuple[ListenerConfig, yaml.Node, Path]] = []
+        # Every endpoint the file names for the proxy to dial (cluster
+        # endpoints, route upstreams), for the never-dial-yourself check.
+        self.dials: list[tuple[Address, yaml.Node, Path]] = []
 
     # -- reporting ----------------------------------------------------------
 
@@ -524,6 +534,10 @@ class _Builder:
         self._check_names("cluster", self.cluster_names)
         self._check_cluster_refs()
         self._check_listens()
+        own_sockets = self._own_sockets()
+        pins = dict(hosts or ())
+        self._check_dials(own_sockets, pins)
+        self._check_allowlists(own_sockets, pins)
         if isinstance(workers, int) and workers > 1:
             self._check_shareable_listens(workers)
         if self.errors or listeners is None or clusters is None:
@@ -659,7 +673,7 @@ class _Builder:
             read.ok = False
         if not read.ok:
             return None
-        return self._construct(
+        listener = self._construct(
             node, path, ListenerConfig, name=name, listen=listen, mode=mode,
             cluster=cluster, log_prefix=log_prefix, allow_sources=allow_sources,
             max_connections=max_connections, proxy_protocol=proxy_protocol,
@@ -669,6 +683,9 @@ class _Builder:
             deny_addresses=deny_addresses, policy=policy, accept_risk=accept_risk,
             **({} if per_source is None else {"max_connections_per_source": per_source}),
         )
+        if listener is not None and mode in ("http_connect", "socks5"):
+            self.forward_listeners.append((listener, node, path))
+        return listener
 
     def _check_mode_keys(self, fields: _Fields, path: Path, mode: str | None) -> bool:
         """Report keys that belong to other modes and drop them from ``fields``.
@@ -942,7 +959,25 @@ class _Builder:
         )
         if route is None:
             raise _Invalid()
+        if upstream is not None:
+            self._record_upstream(route, fields["upstream"], path + ("upstream",))
         return route, fields["sni"]
+
+    def _record_upstream(self, route: PostgresRoute, node: yaml.Node, path: Path) -> None:
+        """Remember a route's upstream for the never-dial-yourself check.
+
+        A template with ``{sni}`` is known only for an exact ``sni`` (the
+        name then is the one the client sends); a wildcard route's dials are
+        checked at run time instead.
+        """
+        assert route.upstream is not None
+        if "{sni}" in route.upstream and "*" in route.sni:
+            return
+        try:
+            address = _parse_endpoint(route.upstream.replace("{sni}", route.sni))
+        except ValueError:
+            return
+        self.dials.append((address, node, path))
 
     def _sni(self, node: yaml.Node, path: Path) -> str:
         value = self.text(node, path, "a server name")
@@ -1054,8 +1089,20 @@ class _Builder:
         except ValueError as e:
             self.fail(node, path, str(e))
 
+    def _user_destinations(self, node: yaml.Node, path: Path) -> tuple[DestinationRule, ...]:
+        """A user's own ``allow_destinations``: it replaces the listener's for that user."""
+        items = self.non_empty_sequence(
+            node, path, "HOST:PORT destinations",
+            "an empty list would refuse every destination to this user; list the "
+            "HOST:PORT destinations this user may reach, or remove the key to use "
+            "the listener's allow_destinations",
+        )
+        return self.each(items, path, self._destination)
+
     def _users(self, node: yaml.Node, path: Path, mode: str | None) -> tuple[User, ...]:
-        """``users``: name and password pairs. No message ever shows a password.
+        """``users``: name and password pairs, each with an optional ``allow_destinations``.
+
+        No message ever shows a password.
 
         Shapes are checked here rather than by :meth:`sequence` and
         :meth:`mapping`, whose messages quote the value they got, which could be
@@ -1085,13 +1132,15 @@ class _Builder:
                 failed = True
                 continue
             try:
-                fields = self.mapping(item, entry, _USER_KEYS, _USER_KEYS)
+                fields = self.mapping(item, entry, _USER_KEYS, _USER_REQUIRED)
             except _Invalid:
                 failed = True
                 continue
-            read = _FieldReader(self, fields, entry, _USER_KEYS)
+            read = _FieldReader(self, fields, entry, _USER_REQUIRED)
             name = read("name", lambda n, p: self._user_name(n, p, mode))
             password = read("password", lambda n, p: self._password(n, p, mode))
+            # The user's own list replaces the listener's (same syntax and messages).
+            destinations = read("allow_destinations", self._user_destinations)
             if name is not None:
                 name_path = entry + ("name",)
                 if name in first:
@@ -1107,7 +1156,7 @@ class _Builder:
             if not read.ok:
                 failed = True
                 continue
-            users.append(User(name=name, password=password))
+            users.append(User(name=name, password=password, allow_destinations=destinations))
         if failed:
             raise _Invalid()
         return tuple(users)
@@ -1170,9 +1219,11 @@ class _Builder:
         if not isinstance(value, str):
             self.fail(node, path, f"{_ENDPOINT_HINT}, got {_show(value)}")
         try:
-            return _parse_endpoint(value)
+            address = _parse_endpoint(value)
         except ValueError as e:
             self.fail(node, path, str(e))
+        self.dials.append((address, node, path))
+        return address
 
     def _connect_timeout(self, node: yaml.Node, path: Path) -> float:
         return self._positive_duration(node, path, "5s")
@@ -1477,6 +1528,113 @@ class _Builder:
                 self.report(node, path, message)
                 break
 
+    def _own_sockets(self) -> list[allowlint.OwnSocket]:
+        """The proxy's own listening sockets with a known address and port (not 0)."""
+        names = {named.path[:2]: named.value for named in self.listener_names}
+        sockets: list[allowlint.OwnSocket] = []
+        for listen, _node, path in self.listens:
+            if listen.host is None or not listen.port:
+                continue
+            if path[0] == "listeners":
+                name = names.get(path[:2])
+                what = f"listener {name!r}" if name else "listener"
+            else:
+                what = f"{path[0]} service"
+            sockets.append(allowlint.OwnSocket(what, listen.text, listen.host, listen.port))
+        return sockets
+
+    def _check_dials(
+        self, own_sockets: list[allowlint.OwnSocket], pins: Mapping[str, str]
+    ) -> None:
+        """Never dial yourself: no endpoint may be one of the proxy's own sockets.
+
+        The host counts when it is known without DNS: an IP literal, a name
+        ``hosts:`` pins, or ``localhost`` (and names under it). A wildcard
+        listen address is reached on loopback too.
+        """
+        for address, node, path in self.dials:
+            host = address.host.lower()
+            shown = str(address)
+            if host in pins:
+                candidates = [ip_address(pins[host])]
+                shown += f" (pinned to {pins[host]} by hosts:)"
+            elif _ip_literal(host) is not None:
+                candidates = [ip_address(host)]
+            elif host == "localhost" or host.endswith(".localhost"):
+                candidates = [ip_address("127.0.0.1"), ip_address("::1")]
+            else:
+                continue
+            for own in own_sockets:
+                if any(own.reached_by(ip, address.port) for ip in candidates):
+                    if own.what.startswith("listener"):
+                        harm = "the proxy would connect to itself in a loop"
+                    else:
+                        harm = f"the proxy would hand its clients to its own {own.what}"
+                    self.report(node, path, (
+                        f"{shown} is this proxy's own {own}: {harm}; point it at "
+                        f"the server the proxy should reach"
+                    ))
+                    break
+
+    def _check_allowlists(
+        self, own_sockets: list[allowlint.OwnSocket], pins: Mapping[str, str]
+    ) -> None:
+        """Allowlists open in all but name, unless ``accept_risk`` marks them (``allowlint``)."""
+        for listener, node, path in self.forward_listeners:
+            lists: list[tuple[Path, list[allowlint.Entry]]] = []
+            own_node = _value_of(node, "allow_destinations")
+            if own_node is not None:
+                lists.append((
+                    ("allow_destinations",),
+                    self._entries(own_node, listener.allow_destinations),
+                ))
+            users_node = _value_of(node, "users")
+            for index, user in enumerate(listener.users):
+                rules = getattr(user, "allow_destinations", None)
+                user_node = (
+                    _value_of(users_node.value[index], "allow_destinations")
+                    if rules is not None and users_node is not None else None
+                )
+                if user_node is not None:
+                    lists.append((
+                        ("users", index, "allow_destinations"),
+                        self._entries(user_node, rules),
+                    ))
+            allow_node = _value_of(node, "allow_addresses")
+            allow_texts = self._written(allow_node) if allow_node is not None else []
+            result = allowlint.check_listener(
+                lists,
+                allow_addresses=list(zip(allow_texts, listener.allow_addresses)),
+                accept_risk=listener.accept_risk,
+                own_sockets=own_sockets,
+                hosts=pins,
+                allow_addresses_key=("allow_addresses",),
+                accept_risk_key=("accept_risk",),
+            )
+            for finding in result.errors:
+                key = finding.key
+                assert isinstance(key, tuple)
+                target = node
+                for part in key:
+                    if isinstance(part, int):
+                        target = target.value[part]
+                    else:
+                        target = _value_of(target, part)
+                self.report(
+                    target.value[finding.index], path + key + (finding.index,),
+                    finding.message,
+                )
+
+    def _entries(self, node: yaml.Node, rules: tuple[DestinationRule, ...]) -> list[allowlint.Entry]:
+        """An allowlist's entries: the text each item expands to, with its rule."""
+        return [allowlint.Entry(text, rule) for text, rule in zip(self._written(node), rules)]
+
+    def _written(self, node: yaml.Node) -> list[str]:
+        """The expanded text of each item of a list already read without error."""
+        return [
+            self.interpolate(str(item.value), item, ()) for item in node.value
+        ]
+
 
 class _FieldReader:
     """Reads optional and required fields of one mapping, remembering failures."""
@@ -1521,6 +1679,15 @@ def _format_seconds(seconds: float) -> str:
     if 0 < seconds < 1:
         return f"{seconds * 1000:g}ms"
     return f"{seconds:g}s"
+
+
+def _value_of(node: yaml.Node, key: str) -> yaml.Node | None:
+    """The value node of ``key`` in a mapping node (the first, as the reader takes it), or None."""
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.value == key:
+                return value_node
+    return None
 
 
 def _is_null(node: yaml.Node) -> bool:

@@ -1855,6 +1855,27 @@ class ModeTests(SynchronousTestCase, TLSFiles):
         self.assertNotIn("hunter2", repr(config))
         self.assertEqual(config.listeners[0].users[0].password, "hunter2")
 
+    def test_user_allow_destinations(self) -> None:
+        """A user may carry its own allow_destinations; a user without one has None (the listener's)."""
+        config = parse(
+            with_mode(
+                "http_connect",
+                allow_destinations='["a.example.com:443"]',
+                users=(
+                    "[{name: app, password: pw1, allow_destinations: [\"b.example.com:443\", \"10.0.0.0/8:*\"]},"
+                    " {name: ops, password: pw2}]"
+                ),
+                accept_risk='["10.0.0.0/8:*"]',
+            )
+        )
+        app, ops = config.listeners[0].users
+        self.assertEqual(
+            app.allow_destinations,
+            (DestinationRule(host="b.example.com", port=443), DestinationRule(network=IPv4Network("10.0.0.0/8"))),
+        )
+        self.assertIsNone(ops.allow_destinations)
+        self.assertEqual(config.listeners[0].allow_destinations, (DestinationRule(host="a.example.com", port=443),))
+
 
 class ModeErrorTests(SynchronousTestCase, TLSFiles):
     """Bad mode keys: the path, the rule broken and the fix."""
@@ -2402,6 +2423,41 @@ class ForwardErrorTests(SynchronousTestCase):
         for secret in ("8675309", "hunter", "swordfish", "correcthorse"):
             self.assertNotIn(secret, "\n".join(found))
 
+    def test_user_allow_destinations_empty(self) -> None:
+        """A user's empty allow_destinations is refused, like the listener's."""
+        self.assertEqual(
+            self.user_errors("{name: app, password: a, allow_destinations: []}"),
+            (
+                "egress.yaml:7: listeners[0].users[0].allow_destinations: an empty list "
+                "would refuse every destination to this user; list the HOST:PORT "
+                "destinations this user may reach, or remove the key to use the "
+                "listener's allow_destinations",
+            ),
+        )
+
+    def test_user_allow_destinations_bad_entry(self) -> None:
+        """A user's allowlist entries are checked as the listener's are, with the same messages."""
+        found = self.user_errors("{name: app, password: hunter2, allow_destinations: ['api.example.com']}")
+        (listener_error,) = errors(with_mode("http_connect", allow_destinations="['api.example.com']"))
+        self.assertEqual(
+            found,
+            (
+                "egress.yaml:7: listeners[0].users[0].allow_destinations[0]: "
+                + listener_error.split(": ", 2)[2],
+            ),
+        )
+        self.assertNotIn("hunter2", "\n".join(found))
+
+    def test_user_unknown_key(self) -> None:
+        """A misspelt user key gets a suggestion."""
+        self.assertEqual(
+            self.user_errors("{name: app, password: a, allow_destination: ['a.example.com:443']}"),
+            (
+                "egress.yaml:7: listeners[0].users[0]: unknown key 'allow_destination'; "
+                "did you mean 'allow_destinations'?",
+            ),
+        )
+
     def test_users_not_a_list(self) -> None:
         """users written as a single value is refused without quoting it."""
         self.assertEqual(
@@ -2591,3 +2647,208 @@ class LoaderTests(SynchronousTestCase):
     def test_loads_plain_mapping(self) -> None:
         """Without duplicates the loader behaves like SafeLoader."""
         self.assertEqual(yaml.load("a: 1\nb: [x]\n", Loader=_Loader), {"a": 1, "b": ["x"]})
+
+
+class AllowlistRiskTests(SynchronousTestCase):
+    """Allowlists open in all but name are refused unless accept_risk marks them (allowlint)."""
+
+    def forward(self, destinations: str, accept_risk: str | None = None) -> str:
+        """An http_connect listener on 127.0.0.1:0 with these destinations (line 5) and marks (line 6)."""
+        fields = {"allow_destinations": destinations}
+        if accept_risk is not None:
+            fields["accept_risk"] = accept_risk
+        return with_mode("http_connect", **fields)
+
+    def test_two_halves_of_ipv4(self) -> None:
+        """0.0.0.0/1 with 128.0.0.0/1 is every IPv4 address; the first also reaches admin and metrics."""
+        self.assertEqual(
+            errors(self.forward('["0.0.0.0/1:*", "128.0.0.0/1:*"]')),
+            (
+                'egress.yaml:5: listeners[0].allow_destinations[0]: "0.0.0.0/1:*" with '
+                '"128.0.0.0/1:*" covers 4,294,967,296 IPv4 addresses (all of them), more '
+                "than a /8 (16,777,216): an allowlist that wide is an open proxy in all "
+                "but name; list the networks clients need, or mark them intended with "
+                'accept_risk: ["0.0.0.0/1:*", "128.0.0.0/1:*"]',
+                'egress.yaml:5: listeners[0].allow_destinations[0]: "0.0.0.0/1:*" admits '
+                "this proxy's own admin service (127.0.0.1:9901) and metrics service "
+                "([::]:9091): a client could use the admin API (drain, reload) from "
+                "outside, or make the proxy connect to itself in a loop; narrow it so it "
+                'cannot reach the proxy, or mark it intended with accept_risk: ["0.0.0.0/1:*"]',
+                'egress.yaml:5: listeners[0].allow_destinations[1]: "128.0.0.0/1:*" with '
+                '"0.0.0.0/1:*" covers 4,294,967,296 IPv4 addresses (all of them), more '
+                "than a /8 (16,777,216): an allowlist that wide is an open proxy in all "
+                "but name; list the networks clients need, or mark them intended with "
+                'accept_risk: ["0.0.0.0/1:*", "128.0.0.0/1:*"]',
+            ),
+        )
+
+    def test_public_suffix_wildcard(self) -> None:
+        """*.co.uk admits every company registered under co.uk."""
+        self.assertEqual(
+            errors(self.forward('["api.vendor.example:443", "*.co.uk:*"]')),
+            (
+                'egress.yaml:5: listeners[0].allow_destinations[1]: "*.co.uk:*" is a '
+                "wildcard directly under the public suffix co.uk: it admits every site "
+                "registered there; list the hosts you need, or mark it intended with "
+                'accept_risk: ["*.co.uk:*"]',
+            ),
+        )
+
+    def test_nip_io_wildcard(self) -> None:
+        """*.nip.io admits every address, internal ones included."""
+        self.assertEqual(
+            errors(self.forward('["*.nip.io:*"]')),
+            (
+                'egress.yaml:5: listeners[0].allow_destinations[0]: "*.nip.io:*" is a '
+                "wildcard under nip.io, a DNS service that answers every name with the "
+                "IP address written in it (10.0.0.1.nip.io is 10.0.0.1): it admits every "
+                "address, internal ones included; list the hosts clients need, or mark it "
+                'intended with accept_risk: ["*.nip.io:*"]',
+            ),
+        )
+
+    def test_localhost(self) -> None:
+        """localhost:* is this machine, the admin and metrics ports included."""
+        self.assertEqual(
+            errors(self.forward('["localhost:*"]')),
+            (
+                'egress.yaml:5: listeners[0].allow_destinations[0]: "localhost:*" names '
+                "this machine: localhost and the names under it resolve to loopback (RFC "
+                "6761), where the proxy's own ports and other local services listen; list "
+                'the hosts clients need, or mark it intended with accept_risk: ["localhost:*"]',
+                'egress.yaml:5: listeners[0].allow_destinations[0]: "localhost:*" admits '
+                "this proxy's own admin service (127.0.0.1:9901) and metrics service "
+                "([::]:9091): a client could use the admin API (drain, reload) from "
+                "outside, or make the proxy connect to itself in a loop; narrow it so it "
+                'cannot reach the proxy, or mark it intended with accept_risk: ["localhost:*"]',
+            ),
+        )
+
+    def test_metadata_address(self) -> None:
+        """169.254.169.254 is link-local, where cloud metadata services answer."""
+        self.assertEqual(
+            errors(self.forward('["169.254.169.254:80"]')),
+            (
+                'egress.yaml:5: listeners[0].allow_destinations[0]: "169.254.169.254:80" '
+                "is in 169.254.0.0/16 (link-local, where cloud metadata services answer): "
+                "the proxy would let clients reach internal addresses; remove it, list the "
+                "range in allow_addresses if they should, or mark it intended with "
+                'accept_risk: ["169.254.169.254:80"]',
+            ),
+        )
+
+    def test_admin_port(self) -> None:
+        """The admin port as a destination: loopback, and the proxy's own admin API."""
+        self.assertEqual(
+            errors(self.forward('["127.0.0.1:9901"]')),
+            (
+                'egress.yaml:5: listeners[0].allow_destinations[0]: "127.0.0.1:9901" is '
+                "in 127.0.0.0/8 (loopback): the proxy would let clients reach internal "
+                "addresses; remove it, list the range in allow_addresses if they should, "
+                'or mark it intended with accept_risk: ["127.0.0.1:9901"]',
+                'egress.yaml:5: listeners[0].allow_destinations[0]: "127.0.0.1:9901" '
+                "admits this proxy's own admin service (127.0.0.1:9901): a client could "
+                "use the admin API (drain, reload) from outside, or make the proxy connect "
+                "to itself in a loop; narrow it so it cannot reach the proxy, or mark it "
+                'intended with accept_risk: ["127.0.0.1:9901"]',
+            ),
+        )
+
+    def test_each_accepted_when_marked(self) -> None:
+        """Every one of the entries above loads when accept_risk lists it as written."""
+        for destinations in (
+            '["0.0.0.0/1:*", "128.0.0.0/1:*"]', '["*.co.uk:*"]', '["*.nip.io:*"]',
+            '["localhost:*"]', '["169.254.169.254:80"]', '["127.0.0.1:9901"]',
+        ):
+            listener = parse(self.forward(destinations, accept_risk=destinations)).listeners[0]
+            self.assertEqual(listener.accept_risk, tuple(yaml.safe_load(destinations)))
+
+    def test_stale_mark(self) -> None:
+        """A mark that matches no risky entry is an error, so it does not linger."""
+        self.assertEqual(
+            errors(self.forward('["api.vendor.example:443"]', '["*.co.uk:*"]')),
+            (
+                'egress.yaml:6: listeners[0].accept_risk[0]: accept_risk entry "*.co.uk:*" '
+                "matches no risky allowlist entry; remove it",
+            ),
+        )
+
+    def test_lines_and_users(self) -> None:
+        """Each finding is on its entry's own line; a user's own list is checked too."""
+        text = textwrap.dedent("""\
+            listeners:
+              - name: fwd
+                listen: ":3128"
+                mode: socks5
+                allow_destinations:
+                  - "api.vendor.example:443"
+                  - "*.fly.dev:443"
+                users:
+                  - name: app
+                    password: pw
+                    allow_destinations: ["api.vendor.example:443", "10.0.0.0/8:*"]
+                allow_addresses: ["fdaa::/16"]
+            """)
+        self.assertEqual(
+            errors(text),
+            (
+                'egress.yaml:7: listeners[0].allow_destinations[1]: "*.fly.dev:443" is a '
+                "wildcard directly under the public suffix fly.dev: it admits every site "
+                "registered there; list the hosts you need, or mark it intended with "
+                'accept_risk: ["*.fly.dev:443"]',
+                'egress.yaml:11: listeners[0].users[0].allow_destinations[1]: "10.0.0.0/8:*" '
+                "is in 10.0.0.0/8 (private, RFC 1918) and admits every port: the proxy "
+                "would let clients reach any internal service there; name the ports "
+                "clients need, list the range in allow_addresses if they should reach all "
+                'of it, or mark it intended with accept_risk: ["10.0.0.0/8:*"]',
+                'egress.yaml:12: listeners[0].allow_addresses[0]: "fdaa::/16" exempts '
+                "2^112 IPv6 addresses from the internal-address check, more than a /32 "
+                "(2^96): an exception that wide all but turns the check off; list the "
+                'ranges clients need, or mark it intended with accept_risk: ["fdaa::/16"]',
+            ),
+        )
+
+    def test_own_listener_as_endpoint(self) -> None:
+        """A cluster endpoint that is the proxy's own listener would loop."""
+        self.assertEqual(
+            errors(with_cluster(endpoints='["db.example.com:5432", "127.0.0.1:5432"]').replace(
+                '"127.0.0.1:0"\n    cluster', '":5432"\n    cluster'
+            )),
+            (
+                "egress.yaml:7: clusters[0].endpoints[1]: 127.0.0.1:5432 is this proxy's "
+                "own listener 'main' (:5432): the proxy would connect to itself in a "
+                "loop; point it at the server the proxy should reach",
+            ),
+        )
+
+    def test_self_dial_forms(self) -> None:
+        """localhost, a hosts: pin and a postgres route upstream count; other ports and names do not."""
+        text = textwrap.dedent("""\
+            listeners:
+              - name: pg
+                listen: "[::]:5432"
+                mode: postgres
+                routes:
+                  - {sni: db.example.com, upstream: "[::1]:5432"}
+                  - {sni: "*.example.com", upstream: "{sni}:5432"}
+            clusters:
+              - name: db
+                endpoints: ["localhost:5432", "db.pin:9091", "db.example.com:5432", "127.0.0.1:5433"]
+            hosts:
+              db.pin: 127.0.0.1
+            """)
+        self.assertEqual(
+            errors(text),
+            (
+                "egress.yaml:6: listeners[0].routes[0].upstream: [::1]:5432 is this "
+                "proxy's own listener 'pg' ([::]:5432): the proxy would connect to itself "
+                "in a loop; point it at the server the proxy should reach",
+                "egress.yaml:10: clusters[0].endpoints[0]: localhost:5432 is this proxy's "
+                "own listener 'pg' ([::]:5432): the proxy would connect to itself in a "
+                "loop; point it at the server the proxy should reach",
+                "egress.yaml:10: clusters[0].endpoints[1]: db.pin:9091 (pinned to "
+                "127.0.0.1 by hosts:) is this proxy's own metrics service ([::]:9091): the "
+                "proxy would hand its clients to its own metrics service; point it at the "
+                "server the proxy should reach",
+            ),
+        )
