@@ -8,6 +8,15 @@ start time (UTC, ms) · prefix · downstream peer · upstream host:port dialled 
 bytes received from downstream · bytes sent to downstream · duration ms ·
 response flags (comma separated, ``-`` for none).
 
+Forward-proxy listeners (``http_connect``, ``socks5``) append two
+``key=value`` fields, so parsers of the first eight keep working::
+
+    [...] FWD 10.0.0.7:50122 api.vendor.com:443 517 4420 310 "-" user=app dialled=203.0.113.9:443
+
+the authenticated user (``-`` without one; never a password) and the
+address actually dialled (the upstream socket's peer, ``-`` when nothing
+was connected); field 4 stays the destination as the client asked for it.
+
 This module owns the record and the pure formatters; it does not decide
 flags (sessions do) or where lines go (``make_access_logger`` wires a
 ``twisted.logger`` observer to a stream; the service passes stdout).
@@ -37,9 +46,12 @@ FLAGS = {
     "DPE": "downstream protocol error: no valid PROXY protocol header, or a malformed, oversized, "
     "unsupported or too slow forward-proxy request (HTTP, SOCKS5)",
     "UAEX": "unauthorized: missing or wrong forward-proxy credentials (407, SOCKS5 auth failure)",
+    "IA": "internal address: the destination resolves to an address the listener refuses (loopback, private, "
+    "link-local, ...), or to one of the proxy's own sockets; never dialled",
     "DT": "cut when drain_timeout expired during shutdown",
     "LR": "Postgres login refused by the server, written LR:<SQLSTATE> (LR:28P01 wrong password, "
     "LR:28000 no pg_hba entry for this address, LR:3D000 no such database); originate and plaintext listeners",
+    "RP": "report mode: allowed, but policy enforce would refuse it (the log says why)",
 }
 
 
@@ -56,6 +68,11 @@ class AccessRecord:
     bytes_sent: int
     duration_ms: int
     flags: tuple[str, ...] = ()
+    #: Forward listeners only (None elsewhere, and then not written): the
+    #: authenticated user's name and the ``ip:port`` actually dialled, ``-``
+    #: when there is none (no users configured, refused before a connect).
+    user: str | None = None
+    upstream_address: str | None = None
 
 
 def format_timestamp(seconds: float) -> str:
@@ -72,30 +89,42 @@ def format_flags(flags: tuple[str, ...]) -> str:
 
 
 def format_text(record: AccessRecord) -> str:
-    """The Envoy-shaped text line, without a newline."""
-    return (
+    """The Envoy-shaped text line, without a newline.
+
+    Forward listeners' lines end in two more fields, ``user=NAME``
+    and ``dialled=IP:PORT`` (``-`` for none), after the eight Envoy ones.
+    """
+    line = (
         f"[{format_timestamp(record.start)}] {record.prefix} {record.downstream} "
         f"{record.upstream} {record.bytes_received} {record.bytes_sent} "
         f'{record.duration_ms} "{format_flags(record.flags)}"'
     )
+    if record.user is not None or record.upstream_address is not None:
+        line += f" user={record.user or '-'} dialled={record.upstream_address or '-'}"
+    return line
 
 
 def format_json(record: AccessRecord) -> str:
-    """One JSON object, keys named after Envoy's command operators."""
-    return json.dumps(
-        {
-            "start_time": format_timestamp(record.start),
-            "listener": record.listener,
-            "prefix": record.prefix,
-            "downstream_remote_address": record.downstream,
-            "upstream_host": record.upstream,
-            "bytes_received": record.bytes_received,
-            "bytes_sent": record.bytes_sent,
-            "duration_ms": record.duration_ms,
-            "response_flags": format_flags(record.flags),
-        },
-        separators=(",", ":"),
-    )
+    """One JSON object, keys named after Envoy's command operators.
+
+    Forward listeners' objects also have ``user`` and ``upstream_address``
+    (the ``ip:port`` dialled), ``-`` for none as in the other fields.
+    """
+    fields: dict[str, object] = {
+        "start_time": format_timestamp(record.start),
+        "listener": record.listener,
+        "prefix": record.prefix,
+        "downstream_remote_address": record.downstream,
+        "upstream_host": record.upstream,
+        "bytes_received": record.bytes_received,
+        "bytes_sent": record.bytes_sent,
+        "duration_ms": record.duration_ms,
+        "response_flags": format_flags(record.flags),
+    }
+    if record.user is not None or record.upstream_address is not None:
+        fields["user"] = record.user or "-"
+        fields["upstream_address"] = record.upstream_address or "-"
+    return json.dumps(fields, separators=(",", ":"))
 
 
 FORMATTERS: dict[str, Callable[[AccessRecord], str]] = {"text": format_text, "json": format_json}

@@ -808,10 +808,17 @@ class DestinationRule:
 
 @attrs.frozen
 class User:
-    """A forward-proxy credential; the password never appears in a repr or a log."""
+    """A forward-proxy credential; the password never appears in a repr or a log.
+
+    ``allow_destinations``, when set, replaces the listener's list for this
+    user (it is not merged with it); None means the listener's list applies.
+    """
 
     name: str
     password: str = attrs.field(repr=False)
+    allow_destinations: tuple[DestinationRule, ...] | None = attrs.field(
+        default=None, repr=False, validator=attrs.validators.optional(_tuple_of(DestinationRule, non_empty=True))
+    )
 
 
 #: Listener modes.

@@ -13,8 +13,10 @@ This module owns three pure decisions for the ``http_connect`` and
   port None matches every port.  The allowlist applies to the name the client
   asked for; what the name resolves to is not checked (a ``hosts:`` pin is
   how an operator fixes that);
-- whether credentials match a configured user (:func:`credentials_match`),
-  in time that does not depend on where the first differing byte is.
+- which configured user, if any, credentials belong to
+  (:func:`authenticate`), in time that does not depend on where the first
+  differing byte is, and which allowlist then applies (:func:`rules_for`: a
+  user's own ``allow_destinations`` replaces the listener's).
 
 It does not dial, resolve names or speak any protocol, and it never logs:
 passwords pass through here and nowhere else.
@@ -193,17 +195,36 @@ def _digest(value: bytes) -> bytes:
     return hashlib.sha256(value).digest()
 
 
-def credentials_match(users: tuple[User, ...], name: bytes, password: bytes) -> bool:
-    """True when ``name`` and ``password`` (UTF-8 bytes) belong to one of ``users``.
+def authenticate(users: tuple[User, ...], name: bytes, password: bytes) -> User | None:
+    """The user of ``users`` whom ``name`` and ``password`` (UTF-8 bytes) belong to, else None.
 
     Every user is compared, name and password both, with
-    ``hmac.compare_digest`` over SHA-256 digests: the time taken does not
-    reveal which part differed or how much of it matched.
+    ``hmac.compare_digest`` over SHA-256 digests, and the loop never stops
+    early (not at a matching name, not at the match): the time taken does
+    not reveal which part differed, how much of it matched, or which user it
+    was.  Names are unique (the config refuses duplicates), so at most one
+    user matches.
     """
     given_name, given_password = _digest(name), _digest(password)
-    found = False
+    found: User | None = None
     for user in users:
         name_ok = hmac.compare_digest(given_name, _digest(user.name.encode("utf-8")))
         password_ok = hmac.compare_digest(given_password, _digest(user.password.encode("utf-8")))
-        found |= name_ok & password_ok
+        if name_ok & password_ok:
+            found = user
     return found
+
+
+def credentials_match(users: tuple[User, ...], name: bytes, password: bytes) -> bool:
+    """True when ``name`` and ``password`` belong to one of ``users`` (see :func:`authenticate`)."""
+    return authenticate(users, name, password) is not None
+
+
+def rules_for(listener_rules: tuple[DestinationRule, ...], user: User | None) -> tuple[DestinationRule, ...]:
+    """The allowlist that applies to ``user``: its own list if it has one, else the listener's.
+
+    A user's list replaces the listener's; it is neither merged nor intersected.
+    """
+    if user is not None and user.allow_destinations is not None:
+        return user.allow_destinations
+    return listener_rules

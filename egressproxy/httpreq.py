@@ -46,6 +46,7 @@ REASONS = {
     403: "Forbidden",
     407: "Proxy Authentication Required",
     408: "Request Timeout",
+    413: "Content Too Large",
     414: "URI Too Long",
     431: "Request Header Fields Too Large",
     502: "Bad Gateway",

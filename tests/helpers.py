@@ -100,11 +100,14 @@ class Harness:
         protocol.makeConnection(transport)
         return protocol, transport
 
-    def accept_upstream(self):  # type: ignore[no-untyped-def]
-        """Answer the newest dial the reactor recorded; returns (upstream leg, its transport)."""
+    def accept_upstream(self, peer: IPv4Address | IPv6Address | None = None):  # type: ignore[no-untyped-def]
+        """Answer the newest dial the reactor recorded; returns (upstream leg, its transport).
+
+        ``peer`` is what the upstream transport's ``getPeer()`` says (StringTransport's default if None).
+        """
         host, port, factory, _timeout, _bind = self.reactor.tcpClients[-1]
         wrapper = factory.buildProtocol(IPv4Address("TCP", host, port))
-        transport = HalfCloseTransport()
+        transport = HalfCloseTransport(peerAddress=peer)
         wrapper.makeConnection(transport)
         transport.protocol = wrapper
         return wrapper._wrappedProtocol, transport

@@ -88,6 +88,20 @@ class FormatTextTests(SynchronousTestCase):
         """The line carries no newline of its own."""
         self.assertNotIn("\n", format_text(record()))
 
+    def test_forward_fields(self) -> None:
+        """A forward listener's line ends in user= and dialled= after the eight Envoy fields."""
+        self.assertEqual(
+            format_text(record(upstream="api.vendor.com:443", user="app", upstream_address="[2001:db8::7]:443")),
+            '[2026-06-07T08:11:33.490Z] DIRECT [fdaa:0:1::3]:63276 api.vendor.com:443 1284 892 45 "-" '
+            "user=app dialled=[2001:db8::7]:443",
+        )
+
+    def test_forward_fields_none(self) -> None:
+        """Without a user or a connected upstream the forward fields are "-"."""
+        self.assertTrue(
+            format_text(record(flags=("UAEX",), user="-", upstream_address="-")).endswith('"UAEX" user=- dialled=-')
+        )
+
 
 class FormatJsonTests(SynchronousTestCase):
     """format_json: one JSON object keyed by Envoy's operator names."""
@@ -108,6 +122,13 @@ class FormatJsonTests(SynchronousTestCase):
                 "response_flags": "UF,DC",
             },
         )
+
+    def test_forward_keys(self) -> None:
+        """A forward listener's object adds user and upstream_address; others do not have them."""
+        fields = json.loads(format_json(record(user="app", upstream_address="203.0.113.9:443")))
+        self.assertEqual((fields["user"], fields["upstream_address"]), ("app", "203.0.113.9:443"))
+        self.assertEqual(json.loads(format_json(record(user="-", upstream_address="-")))["user"], "-")
+        self.assertNotIn("user", json.loads(format_json(record())))
 
     def test_no_flags_is_dash(self) -> None:
         """A record without flags has response_flags "-"."""

@@ -16,10 +16,12 @@ from egressproxy.destinations import (
     Destination,
     InvalidDestination,
     allowed,
+    authenticate,
     credentials_match,
     destination,
     parse_authority,
     parse_basic,
+    rules_for,
 )
 
 RULES = (
@@ -175,6 +177,34 @@ class CredentialTests(SynchronousTestCase):
         credentials_match(self.users, b"alice", b"s3cret")
         # Name and password for each user, all over equal-length digests.
         self.assertEqual(calls, [(32, 32)] * 4)
+
+    def test_authenticate_names_the_user(self) -> None:
+        """authenticate gives the user the credentials belong to, None for no one."""
+        self.assertIs(authenticate(self.users, b"bob", b"p:w:d"), self.users[1])
+        self.assertIs(authenticate(self.users, b"alice", b"s3cret"), self.users[0])
+        self.assertIsNone(authenticate(self.users, b"bob", b"s3cret"))
+
+    def test_authenticate_compares_every_user(self) -> None:
+        """A match on the first user does not stop the loop: every user is compared."""
+        calls = []
+        compare = hmac.compare_digest
+
+        def spy(a: bytes, b: bytes) -> bool:
+            calls.append((len(a), len(b)))
+            return compare(a, b)
+
+        self.patch(destinations.hmac, "compare_digest", spy)
+        users = self.users + (User("carol", "x"),)
+        self.assertIs(authenticate(users, b"alice", b"s3cret"), users[0])
+        self.assertEqual(calls, [(32, 32)] * 6)
+
+    def test_rules_for(self) -> None:
+        """A user's own list replaces the listener's; without one, the listener's applies."""
+        own = (DestinationRule(host="own.example", port=443),)
+        listener = (DestinationRule(host="api.vendor.com", port=443),)
+        self.assertIs(rules_for(listener, None), listener)
+        self.assertIs(rules_for(listener, User("a", "p")), listener)
+        self.assertIs(rules_for(listener, User("b", "p", allow_destinations=own)), own)
 
     def test_basic(self) -> None:
         """A Basic credential decodes to name and password; the password may hold colons."""

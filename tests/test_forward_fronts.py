@@ -8,14 +8,17 @@ from ipaddress import ip_network
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.internet._resolver import HostResolution
+from twisted.internet.address import IPv6Address
 from twisted.internet.error import ConnectionDone, ConnectionRefusedError
 from twisted.internet.interfaces import IHostnameResolver
+from twisted.logger import Logger, formatEvent
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
 from egressproxy.config import DestinationRule, User
 from egressproxy.httpreq import MAX_HEAD
+from egressproxy.splice import PENDING_LIMIT
 from egressproxy.modes import forward, http_connect, socks5
 from egressproxy.socks import reply
 from tests.helpers import Harness, cluster_config, listener_config
@@ -26,21 +29,42 @@ RULES = (
     DestinationRule(network=ip_network("10.9.0.0/16"), port=None),
 )
 USERS = (User("alice", "s3cret"),)
-PINS = {"api.egress.test": "127.0.0.5", "www.egress.test": "127.0.0.6"}
+#: bob has his own list, which replaces the listener's for him.
+BOB_RULES = (DestinationRule(host="bob.egress.test", port=443),)
+USERS_OWN = (User("alice", "s3cret"), User("bob", "b0b", allow_destinations=BOB_RULES))
+PINS = {
+    "api.egress.test": "127.0.0.5", "www.egress.test": "127.0.0.6", "bob.egress.test": "127.0.0.7",
+    "evil.example": "127.0.0.8",
+}
 
 
 def basic(name: str, password: str) -> bytes:
     return b"Proxy-Authorization: Basic " + base64.b64encode(f"{name}:{password}".encode()) + b"\r\n"
 
 
-def harness(mode: str = "http_connect", users: tuple[User, ...] = USERS, **cluster: object) -> Harness:
+def harness(
+    mode: str = "http_connect", users: tuple[User, ...] = USERS, policy: str = "enforce", **cluster: object
+) -> Harness:
     values: dict[str, object] = dict(name="fwd", endpoints=(), max_connect_attempts=1)
     values.update(cluster)
     return Harness(
         cluster_config(**values),
-        listener_config(name="fwd", mode=mode, cluster=None, log_prefix="FWD", allow_destinations=RULES, users=users),
+        listener_config(
+            name="fwd", mode=mode, cluster=None, log_prefix="FWD", allow_destinations=RULES, users=users, policy=policy
+        ),
         pins=PINS,
     )
+
+
+def capture_log(h: Harness) -> list[dict]:
+    """The listener's own log events (refusals, reports), from now on."""
+    events: list[dict] = []
+    h.listener.log = Logger(observer=events.append)  # type: ignore[misc]
+    return events
+
+
+def log_text(events: list[dict]) -> str:
+    return "\n".join(formatEvent(event) for event in events)
 
 
 def refuse_newest(h: Harness) -> None:
@@ -110,6 +134,28 @@ class ConnectTests(FrontTestCase):
         self.assertIs(ct.producer, ut)
         [record] = self.finish(client, up)
         self.assertEqual((record.upstream, record.flags), ("api.egress.test:443", ()))
+
+    def test_record_names_user_and_dialled(self) -> None:
+        """The access record names the authenticated user and the address the upstream socket reached."""
+        client, _ct = self.connect()
+        up, _ut = self.h.accept_upstream(peer=IPv6Address("TCP", "2001:db8::5", 443))
+        [record] = self.finish(client, up)
+        self.assertEqual(
+            (record.upstream, record.user, record.upstream_address),
+            ("api.egress.test:443", "alice", "[2001:db8::5]:443"),
+        )
+
+    def test_record_without_user_or_connect(self) -> None:
+        """Refused credentials: no user and nothing dialled, both "-"; never the password."""
+        client, _ct = self.connect(credentials=basic("alice", "hunter2"))
+        [record] = self.finish(client)
+        self.assertEqual((record.user, record.upstream_address), ("-", "-"))
+        self.h = harness(users=())
+        client, _ct = self.connect(credentials=b"")
+        up, _ut = self.h.accept_upstream()
+        [record] = self.finish(client, up)
+        self.assertEqual(record.user, "-")
+        self.assertEqual(record.upstream_address, "192.168.1.1:54321")  # StringTransport's peer
 
     def test_bytes_after_head_go_first(self) -> None:
         """Tunnel bytes sent with the CONNECT head reach the destination first."""
@@ -336,25 +382,83 @@ class PlainHttpTests(FrontTestCase):
         client.dataReceived(b"56789GET http://www.egress.test/ HTTP/1.1\r\nProxy-Authorization: Basic eA==\r\n\r\n")
         self.assertTrue(ut.value().endswith(b"\r\n\r\n0123456789"), ut.value())
 
+    CHUNKED = b"POST http://www.egress.test/ HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+
     def test_chunked_body(self) -> None:
-        """A chunked body passes through untouched, trailers included."""
+        """A chunked body is read whole before the dial, then sent untouched with the head, trailers included."""
         client, _ct = self.h.connect_client()
         body = b"3\r\nabc\r\n0\r\nX-T: 1\r\n\r\n"
-        client.dataReceived(b"POST http://www.egress.test/ HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n" + body[:4])
-        _up, ut = self.h.accept_upstream()
+        client.dataReceived(self.CHUNKED + body[:4])
+        self.assertEqual(self.h.reactor.tcpClients, [])
         client.dataReceived(body[4:] + b"junk")
+        _up, ut = self.h.accept_upstream()
         self.assertTrue(ut.value().endswith(b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n" + body))
+        client.dataReceived(b"GET http://www.egress.test/ HTTP/1.1\r\n\r\n")
+        self.assertTrue(ut.value().endswith(body), ut.value())
 
-    def test_bad_chunk_aborts(self) -> None:
-        """Malformed chunk framing after the head went out drops both legs, flag DPE."""
+    def test_bad_chunk_400(self) -> None:
+        """Malformed chunk framing is answered 400 and nothing is dialled, flag DPE."""
+        for body in (b"zz\r\n", b"3\r\nabc\r\n4\r\nabcdEXTRA\r\n", b"3\r\nabc\r\n1\x00\r\n"):
+            with self.subTest(body=body):
+                self.h = harness(users=())
+                client, ct = self.h.connect_client()
+                client.dataReceived(self.CHUNKED + body[:3])
+                client.dataReceived(body[3:])
+                self.assertTrue(ct.value().startswith(b"HTTP/1.1 400 Bad Request\r\n"), ct.value())
+                self.assertEqual(self.h.reactor.tcpClients, [])
+                self.assert_lingering_close(client, ct)
+                [record] = self.finish(client)
+                self.assertEqual((record.upstream, record.flags), ("www.egress.test:80", ("DPE",)))
+
+    def test_chunked_body_too_large_413(self) -> None:
+        """A chunked body larger than PENDING_LIMIT is answered 413 before anything is dialled."""
         client, ct = self.h.connect_client()
-        client.dataReceived(b"POST http://www.egress.test/ HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n")
-        up, ut = self.h.accept_upstream()
-        client.dataReceived(b"zz\r\n")
-        self.assertTrue(ct.disconnected and ut.disconnected)
-        up.connectionLost(Failure(ConnectionDone()))
+        client.dataReceived(self.CHUNKED + b"%x\r\n" % (PENDING_LIMIT + 1))
+        for _ in range(PENDING_LIMIT // 65536 + 1):
+            client.dataReceived(b"x" * 65536)
+        self.assertTrue(ct.value().startswith(b"HTTP/1.1 413 Content Too Large\r\n"), ct.value())
+        self.assertEqual(ct.value().count(b"HTTP/1.1"), 1)
+        self.assertEqual(self.h.reactor.tcpClients, [])
         [record] = self.finish(client)
         self.assertEqual(record.flags, ("DPE",))
+
+    def test_chunked_body_under_the_deadline(self) -> None:
+        """A chunked body must arrive within HEADER_TIMEOUT of admission, else 408 and no dial."""
+        client, ct = self.h.connect_client()
+        client.dataReceived(self.CHUNKED + b"3\r\nab")
+        self.h.reactor.advance(http_connect.HEADER_TIMEOUT)
+        self.assertTrue(ct.value().startswith(b"HTTP/1.1 408 "), ct.value())
+        self.assertEqual(self.h.reactor.tcpClients, [])
+        self.h.reactor.advance(forward.LINGER)
+        [record] = self.finish(client)
+        self.assertEqual(record.flags, ("DPE",))
+
+    def test_chunked_eof_mid_body(self) -> None:
+        """EOF before the chunked body's end: closed, nothing dialled, flag DPE."""
+        client, ct = self.h.connect_client()
+        client.dataReceived(self.CHUNKED + b"3\r\nab")
+        client.readConnectionLost()
+        self.assertTrue(ct.disconnecting)
+        self.assertEqual(self.h.reactor.tcpClients, [])
+        [record] = self.finish(client)
+        self.assertEqual(record.flags, ("DPE",))
+
+    def test_chunked_refusal_before_body(self) -> None:
+        """Policy is decided on the head: a refused destination is answered without waiting for the body."""
+        client, ct = self.h.connect_client()
+        client.dataReceived(self.CHUNKED.replace(b"www.egress.test/", b"www.egress.test:8080/"))
+        self.assertTrue(ct.value().startswith(b"HTTP/1.1 403 "))
+
+    def test_content_length_body_streams(self) -> None:
+        """A Content-Length body is dialled at once and streamed, whatever its size."""
+        client, _ct = self.h.connect_client()
+        size = 4 * PENDING_LIMIT
+        client.dataReceived(b"POST http://www.egress.test/ HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % size)
+        self.assertEqual(len(self.h.reactor.tcpClients), 1)
+        _up, ut = self.h.accept_upstream()
+        for _ in range(size // 65536):
+            client.dataReceived(b"y" * 65536)
+        self.assertTrue(ut.value().endswith(b"\r\n\r\n" + b"y" * size))
 
     def test_client_eof_after_request(self) -> None:
         """The client's EOF after its request shuts the origin's write side (half-close)."""
@@ -547,6 +651,140 @@ class Socks5Tests(FrontTestCase):
             self.assertTrue((host, port) == ("127.0.0.5", 443) or port == 80 or host.startswith("10.9."), (host, port))
         client.connectionLost(Failure(ConnectionDone()))
         self.assertEqual(len(h.records()), 1)
+
+
+class PerUserDestinationTests(FrontTestCase):
+    """A user's own allow_destinations replaces the listener's; a user without one gets the listener's."""
+
+    def setUp(self) -> None:
+        self.h = harness(users=USERS_OWN)
+
+    def connect(self, target: bytes, name: str, password: str):  # type: ignore[no-untyped-def]
+        client, ct = self.h.connect_client()
+        client.dataReceived(b"CONNECT " + target + b" HTTP/1.1\r\n" + basic(name, password) + b"\r\n")
+        return client, ct
+
+    def test_own_list(self) -> None:
+        """bob reaches his own destination, not the listener's (the lists are not merged)."""
+        client, ct = self.connect(b"api.egress.test:443", "bob", "b0b")
+        self.assertTrue(ct.value().startswith(b"HTTP/1.1 403 "), ct.value())
+        self.assertEqual(self.h.reactor.tcpClients, [])
+        [record] = self.finish(client)
+        self.assertEqual((record.flags, record.user), (("NR",), "bob"))
+        self.connect(b"bob.egress.test:443", "bob", "b0b")
+        self.assertEqual(self.h.reactor.tcpClients[-1][:2], ("127.0.0.7", 443))
+
+    def test_listener_list_for_others(self) -> None:
+        """alice (no list of her own) gets the listener's list, not bob's."""
+        _client, ct = self.connect(b"bob.egress.test:443", "alice", "s3cret")
+        self.assertTrue(ct.value().startswith(b"HTTP/1.1 403 "))
+        self.connect(b"api.egress.test:443", "alice", "s3cret")
+        self.assertEqual(self.h.reactor.tcpClients[-1][:2], ("127.0.0.5", 443))
+
+    def test_wrong_password_for_a_user_with_a_list(self) -> None:
+        """bob's name with alice's password is no one: 407."""
+        _client, ct = self.connect(b"bob.egress.test:443", "bob", "s3cret")
+        self.assertTrue(ct.value().startswith(b"HTTP/1.1 407 "))
+        self.assertEqual(self.h.reactor.tcpClients, [])
+
+    def test_socks5(self) -> None:
+        """The same rule on a socks5 listener."""
+        for name, password, host, allowed in (
+            (b"bob", b"b0b", b"bob.egress.test", True),
+            (b"bob", b"b0b", b"api.egress.test", False),
+            (b"alice", b"s3cret", b"bob.egress.test", False),
+            (b"alice", b"s3cret", b"api.egress.test", True),
+        ):
+            with self.subTest(name=name, host=host):
+                self.h = harness("socks5", users=USERS_OWN)
+                client, ct = self.h.connect_client()
+                client.dataReceived(GREETING_AUTH + userpass(name, password) + socks_connect(host, 443))
+                self.assertEqual(ct.value()[:4], b"\x05\x02\x01\x00")
+                self.assertEqual(len(self.h.reactor.tcpClients), int(allowed))
+                if not allowed:
+                    self.assertEqual(ct.value()[4:], reply(0x02))
+                    [record] = self.finish(client)
+                    self.assertEqual((record.flags, record.user), (("NR",), name.decode()))
+
+
+class ReportModeTests(FrontTestCase):
+    """policy: report dials what enforce would refuse, flags RP, logs and counts it; credentials still apply."""
+
+    def setUp(self) -> None:
+        self.h = harness(users=USERS_OWN, policy="report")
+        self.log = capture_log(self.h)
+
+    def connect(self, target: bytes, credentials: bytes = basic("alice", "s3cret")):  # type: ignore[no-untyped-def]
+        client, ct = self.h.connect_client()
+        client.dataReceived(b"CONNECT " + target + b" HTTP/1.1\r\n" + credentials + b"\r\n")
+        return client, ct
+
+    def test_outside_the_list_is_dialled_and_reported(self) -> None:
+        """A destination enforce would refuse is dialled, tunnelled, flagged RP, counted and logged at warn."""
+        client, ct = self.connect(b"evil.example:443")
+        self.assertEqual(self.h.reactor.tcpClients[-1][:2], ("127.0.0.8", 443))
+        up, _ut = self.h.accept_upstream()
+        self.assertEqual(ct.value(), b"HTTP/1.1 200 Connection established\r\n\r\n")
+        [record] = self.finish(client, up)
+        self.assertEqual((record.upstream, record.flags, record.user), ("evil.example:443", ("RP",), "alice"))
+        self.assertEqual(self.h.listener.reported, {"destination": 1})
+        [event] = self.log
+        self.assertEqual(event["log_level"].name, "warn")
+        self.assertEqual(
+            log_text(self.log),
+            "fwd: report mode: 127.0.0.1:50000 -> evil.example:443 is not in the listener's allow_destinations "
+            "(CONNECT); enforce would refuse it",
+        )
+
+    def test_inside_the_list_is_not_reported(self) -> None:
+        """An allowed destination is neither flagged nor counted."""
+        client, _ct = self.connect(b"api.egress.test:443")
+        up, _ut = self.h.accept_upstream()
+        [record] = self.finish(client, up)
+        self.assertEqual(record.flags, ())
+        self.assertEqual(self.h.listener.reported, {})
+
+    def test_user_list_named(self) -> None:
+        """The report names the user's own list when that is the one that applies."""
+        self.connect(b"api.egress.test:443", basic("bob", "b0b"))
+        self.assertEqual(len(self.h.reactor.tcpClients), 1)
+        self.assertIn("-> api.egress.test:443 is not in user bob's allow_destinations", log_text(self.log))
+
+    def test_credentials_still_required(self) -> None:
+        """Report mode never bypasses credentials: wrong or missing ones are 407, nothing dialled."""
+        for credentials in (basic("alice", "wrong"), b""):
+            with self.subTest(credentials=credentials):
+                client, ct = self.connect(b"evil.example:443", credentials)
+                self.assertTrue(ct.value().startswith(b"HTTP/1.1 407 "))
+                self.assertEqual(self.h.reactor.tcpClients, [])
+                [*_, record] = self.finish(client)
+                self.assertEqual(record.flags, ("UAEX",))
+        self.assertEqual(self.h.listener.reported, {})
+
+    def test_plain_http(self) -> None:
+        """A plain http:// request to a port outside the list goes through, reported."""
+        client, _ct = self.h.connect_client()
+        client.dataReceived(b"GET http://www.egress.test:8080/ HTTP/1.1\r\n" + basic("alice", "s3cret") + b"\r\n")
+        self.assertEqual(self.h.reactor.tcpClients[-1][:2], ("127.0.0.6", 8080))
+        up, ut = self.h.accept_upstream()
+        self.assertTrue(ut.value().startswith(b"GET / HTTP/1.1\r\nHost: www.egress.test:8080\r\n"))
+        [record] = self.finish(client, up)
+        self.assertEqual(record.flags, ("RP",))
+
+    def test_socks5(self) -> None:
+        """socks5: success reply and splice to a destination enforce would refuse; wrong credentials still fail."""
+        self.h = harness("socks5", users=USERS_OWN, policy="report")
+        client, ct = self.h.connect_client()
+        client.dataReceived(GREETING_AUTH + userpass(b"alice", b"s3cret") + socks_connect(b"evil.example", 443))
+        up, _ut = self.h.accept_upstream()
+        self.assertEqual(ct.value()[4:6], b"\x05\x00")
+        [record] = self.finish(client, up)
+        self.assertEqual(record.flags, ("RP",))
+        self.assertEqual(self.h.listener.reported, {"destination": 1})
+        client, ct = self.h.connect_client()
+        client.dataReceived(GREETING_AUTH + userpass(b"alice", b"nope") + socks_connect(b"evil.example", 443))
+        self.assertEqual(ct.value(), b"\x05\x02\x01\x01")
+        self.assertEqual(len(self.h.reactor.tcpClients), 1)
 
 
 class HttpFuzzTests(SynchronousTestCase):

@@ -10,10 +10,21 @@ parts that do not depend on the protocol:
   measured from admission and never extended by a byte, so a client that
   trickles one byte a second (slowloris) is answered and closed on time.
 - **Policy before any dial.**  Credentials, then the destination against
-  ``allow_destinations``; a refusal names the requested destination in the
-  access log (``session.upstream_name``) and is flagged ``UAEX``
-  (credentials) or ``NR`` (destination).  Malformed, oversized or
+  the allowlist that applies: the authenticated user's own
+  ``allow_destinations`` if it has one (it replaces the listener's, it is
+  not merged), else the listener's.  A refusal names the requested
+  destination in the access log (``session.upstream_name``) and is flagged
+  ``UAEX`` (credentials) or ``NR`` (destination).  Malformed, oversized or
   unsupported requests and handshake timeouts are flagged ``DPE``.
+- **Report mode.**  With ``policy: report`` a destination outside the
+  allowlist is dialled anyway: logged at warn level with what enforce would
+  have done, flagged ``RP`` and counted in the listener's ``reported``
+  (``egressproxy_policy_reported_total{reason="destination"}``).
+  Credentials are never bypassed: report mode concerns the destination
+  policy only.
+- **Who and where.**  The access line of a forward listener carries the
+  authenticated user (``session.user``) and the address the upstream
+  socket connected to (``session.dialled``, set by the session).
 - **The dial.**  The destination is dialled through the listener's
   cluster: its breaker, ``connect_timeout``, attempts and keepalive apply
   per listener (a listener without ``cluster:`` has its own dynamic one).
@@ -35,7 +46,8 @@ from typing import TYPE_CHECKING
 from twisted.internet.interfaces import IDelayedCall
 
 from egressproxy.addresses import format_peer
-from egressproxy.destinations import Destination
+from egressproxy.config import User
+from egressproxy.destinations import Destination, allowed, rules_for
 from egressproxy.modes.base import Front
 
 if TYPE_CHECKING:
@@ -57,6 +69,11 @@ class ForwardFront(Front):
         #: The handshake is over (accepted, refused or timed out).
         self.handshake_over = False
         self._discarded = 0
+        #: The user whose credentials the client gave (None: no users configured, or not yet).
+        self.user: User | None = None
+        # Forward listeners' access lines name the user and the address dialled.
+        session.user = "-"
+        session.dialled = "-"
 
     # -- hooks for the modes ----------------------------------------------
 
@@ -125,6 +142,47 @@ class ForwardFront(Front):
             self.note("EOF before a complete handshake", warn=True)
         self.session.close_downstream()
 
+    def authenticated(self, user: User | None) -> bool:
+        """Remember who the credentials belong to (None: nobody); True when someone."""
+        self.user = user
+        self.session.user = "-" if user is None else user.name
+        return user is not None
+
+    def destination_allowed(self, dest: Destination, why: str) -> bool:
+        """Whether to dial ``dest``: in the allowlist that applies, or let through by report mode.
+
+        The allowlist is the user's own when it has one, else the listener's.
+        Under ``policy: report`` a destination outside it is allowed, logged
+        with what enforce would do, flagged ``RP`` and counted.
+        """
+        config = self.session.listener.config
+        if allowed(rules_for(config.allow_destinations, self.user), dest):
+            return True
+        if config.policy != "report":
+            return False
+        whose = "the listener's" if self.user is None or self.user.allow_destinations is None else (
+            f"user {self.user.name}'s"
+        )
+        self.session.upstream_name = str(dest)
+        self.report_policy("destination", f"is not in {whose} allow_destinations ({why})")
+        return True
+
+    def report_policy(self, reason: str, what: str) -> None:
+        """``policy: report`` let through what enforce would refuse: warn, flag RP, count ``reason``.
+
+        The line has the shape of the session's report for address checks.
+        """
+        session = self.session
+        session.flag("RP")
+        session.listener.count_reported(reason)
+        session.listener.log.warn(
+            "{listener}: report mode: {peer} -> {upstream} {what}; enforce would refuse it",
+            listener=session.listener.config.name,
+            peer=format_peer(session.peer_address),
+            upstream=session.upstream_name,
+            what=what,
+        )
+
     def refuse_destination(self, dest: Destination, answer: bytes, why: str) -> None:
         """The destination is outside ``allow_destinations``: never dialled, flag NR."""
         self.session.upstream_name = str(dest)
@@ -156,10 +214,16 @@ class ForwardFront(Front):
         )
 
     def dial(self, dest: Destination) -> None:
-        """Hold the client's bytes and dial ``dest`` through the listener's cluster."""
+        """Hold the client's bytes and dial ``dest`` through the listener's cluster.
+
+        Its addresses are checked (``addrguard``): a name's every answer, and
+        an IP literal unless an IP/CIDR entry of the allowlist admitted it
+        (the operator's explicit choice).
+        """
         session = self.session
         session.down.transport.pauseProducing()  # type: ignore[union-attr]
-        session.connect_upstream(session.listener.cluster, [dest.address])
+        explicit = dest.ip is not None and allowed(rules_for(session.listener.config.allow_destinations, self.user), dest)
+        session.connect_upstream(session.listener.cluster, [dest.address], checked=not explicit)
 
     def answer_and_close(self, answer: bytes) -> None:
         """Write ``answer``, shut our side, drop what the client still sends, then close."""

@@ -4,15 +4,19 @@ The conversation, for one client connection:
 
 1. Read one request head (``httpreq.HeadParser``: at most 16 KiB, within
    ``HEADER_TIMEOUT`` seconds of admission; else ``431``/``414``/``400``/
-   ``408``).
+   ``408``).  A plain ``http://`` request with a chunked body is read whole
+   first, body included, within the same deadline (see *Bodies* below).
 2. Find the destination: the authority of ``CONNECT host:port`` (the port
    is required), or of an absolute ``http://host[:port]/...`` target (port
    80 by default).  Anything else is ``400``: this is a proxy, not a server.
 3. With ``users`` configured, require ``Proxy-Authorization: Basic`` for
    one of them, else ``407`` with ``Proxy-Authenticate: Basic
-   realm="egressproxy"`` (flag ``UAEX``).
-4. Match the destination against ``allow_destinations``, else ``403``
-   (flag ``NR``).  Nothing is dialled before these checks pass.
+   realm="egressproxy"`` (flag ``UAEX``).  ``policy: report`` never skips
+   this.
+4. Match the destination against ``allow_destinations`` (the user's own
+   list if it has one, else the listener's), else ``403`` (flag ``NR``);
+   under ``policy: report`` it is dialled anyway, flagged ``RP``.  Nothing
+   is dialled before these checks pass.
 5. Dial it through the listener's cluster: a refused connect, a name that
    does not resolve or any other failure is ``502``, a connect timeout
    ``504``, an open circuit breaker ``503``.
@@ -32,6 +36,25 @@ The conversation, for one client connection:
    and they may be meant for another origin.  RFC 9112 section 9.3.2 has
    clients retry those on a new connection.
 
+*Bodies.*  A request whose framing turns out bad must be answered ``400``
+with nothing sent upstream, so no bad request ever reaches an origin in
+part.  Only a chunked body can turn out bad once its head is read (a
+``Content-Length`` body is just that many bytes), so:
+
+- a ``Content-Length`` body streams: it is dialled at once and the body
+  follows the head through the splice, at any size, with no copy;
+- a chunked body is read and its framing checked whole before anything is
+  dialled, then sent with the head in one write.  It must arrive within
+  ``HEADER_TIMEOUT`` of admission (else ``408``) and, framing included, fit
+  in ``PENDING_LIMIT`` (256 KiB, what a client may deliver before its
+  upstream is connected anyway), else ``413``; malformed framing is
+  ``400`` (flag ``DPE`` for all three).  Larger uploads send
+  ``Content-Length``.
+
+Checking chunk framing only before the first upstream write could not
+promise this (a bad chunk may come at any byte), and holding every body
+would put a copy and a size limit on the streaming path that needs neither.
+
 Every refusal is answered with a short text body and ``Connection: close``,
 then the connection is closed (see ``forward.py`` for how).
 """
@@ -40,10 +63,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from egressproxy.addrguard import FLAG as ADDRESS_FLAG
 from egressproxy.destinations import (
+    Destination,
     InvalidDestination,
-    allowed,
-    credentials_match,
+    authenticate,
     parse_authority,
     parse_basic,
 )
@@ -90,6 +114,10 @@ class HttpConnectFront(ForwardFront):
         self._origin_head: bytes | None = None
         self._body: BodyReader | None = None
         self._held = b""
+        #: A chunked body being read whole before the dial: where it goes.
+        self._collecting: Destination | None = None
+        #: ``_held`` is the whole body, checked (chunked), rather than what came while dialling.
+        self._body_checked = False
 
     def handshake_timeout(self) -> float:
         return HEADER_TIMEOUT
@@ -107,13 +135,15 @@ class HttpConnectFront(ForwardFront):
         self.answer_and_close(response(408, f"no complete request within {HEADER_TIMEOUT:g}s"))
 
     def handshake_received(self, data: bytes) -> None:
+        if self._collecting is not None:
+            self._collect_body(data)
+            return
         try:
             result = self._parser.feed(data)
         except RequestError as e:
             self.refuse_request(response(e.status, e.reason), e.reason)
             return
         if result is not None:
-            self.end_handshake()
             self._serve(*result)
 
     # -- policy ---------------------------------------------------------------
@@ -138,22 +168,30 @@ class HttpConnectFront(ForwardFront):
             why = "missing credentials" if not head.values("proxy-authorization") else "wrong credentials"
             self.refuse_credentials(response(407, "proxy credentials required", [PROXY_AUTHENTICATE]), why)
             return
-        if not allowed(config.allow_destinations, dest):
+        if not self.destination_allowed(dest, head.method):
             self.refuse_destination(dest, response(403, f"destination {dest} is not allowed"), head.method)
             return
         down = self.session.down
         assert down is not None
         if head.method == "CONNECT":
+            self.end_handshake()
             down.end_preamble(rest)
-        else:
-            host = f"[{dest.host}]" if ":" in dest.host else dest.host
-            if dest.port != 80:
-                host += f":{dest.port}"
-            self._origin_head = forward_head(head, origin_form, host)
-            self._body = BodyReader(framing)
-            self._held = rest
-            # Body bytes wait here (the client is paused) until the origin is connected.
-            down.read_preamble(self._hold, self._eof_while_dialling)
+            self.dial(dest)
+            return
+        host = f"[{dest.host}]" if ":" in dest.host else dest.host
+        if dest.port != 80:
+            host += f":{dest.port}"
+        self._origin_head = forward_head(head, origin_form, host)
+        self._body = BodyReader(framing)
+        if framing.length is None:
+            # Chunked: read and check the whole body first (module docstring, *Bodies*).
+            self._collecting = dest
+            self._collect_body(rest)
+            return
+        self.end_handshake()
+        self._held = rest
+        # Body bytes wait here (the client is paused) until the origin is connected.
+        down.read_preamble(self._hold, self._eof_while_dialling)
         self.dial(dest)
 
     def _authenticated(self, head: RequestHead) -> bool:
@@ -163,7 +201,7 @@ class HttpConnectFront(ForwardFront):
         credentials = parse_basic(values[0])
         if credentials is None:
             return False
-        return credentials_match(self.session.listener.config.users, *credentials)
+        return self.authenticated(authenticate(self.session.listener.config.users, *credentials))
 
     # -- the upstream ---------------------------------------------------------
 
@@ -176,6 +214,12 @@ class HttpConnectFront(ForwardFront):
         self._send_request(up)
 
     def upstream_failed(self, flag: str, reason: str) -> None:
+        if flag == ADDRESS_FLAG:
+            self.note(f"destination {self.session.upstream_name} {self.session.refused_address}")
+            self.answer_and_close(response(
+                403, f"destination {self.session.upstream_name} {self.session.refused_address}: not allowed"
+            ))
+            return
         if flag == "UO":
             status, detail = 503, "too many connections to this proxy's destinations"
         else:
@@ -190,6 +234,31 @@ class HttpConnectFront(ForwardFront):
         if len(self._held) > PENDING_LIMIT:
             self.session.refuse_overlong_preamble()
 
+    def _collect_body(self, data: bytes) -> None:
+        """A chunk of a chunked body read before the dial: checked, held, dialled once whole."""
+        body, dest = self._body, self._collecting
+        assert body is not None and dest is not None
+        try:
+            taken = body.feed(data)
+        except RequestError as e:
+            self.refuse_request(response(e.status, e.reason), e.reason)
+            return
+        self._held += data[:taken]
+        if len(self._held) > PENDING_LIMIT:
+            reason = f"chunked request body larger than {PENDING_LIMIT // 1024} KiB (send Content-Length)"
+            self.refuse_request(response(413, reason), reason)
+            return
+        if not body.done:
+            return
+        self._collecting = None
+        self._body_checked = True
+        self.end_handshake()
+        down = self.session.down
+        assert down is not None
+        # What follows the body (a pipelined request) is dropped; an EOF waits for the splice.
+        down.read_preamble(self._after_request, self._eof_while_dialling)
+        self.dial(dest)
+
     def _eof_while_dialling(self) -> None:
         """EOF while the origin connects: the splice replays it once joined (splice note 5)."""
 
@@ -200,11 +269,8 @@ class HttpConnectFront(ForwardFront):
         body = self._body
         assert down is not None and body is not None and self._origin_head is not None
         held, self._held = self._held, b""
-        try:
-            taken = body.feed(held)
-        except RequestError as e:
-            self._bad_body(e)
-            return
+        # A chunked body is whole and checked; a Content-Length one cannot be malformed.
+        taken = len(held) if self._body_checked else body.feed(held)
         up.transport.write(self._origin_head + held[:taken])
         down.end_preamble(b"")
         session.splice()
@@ -218,11 +284,7 @@ class HttpConnectFront(ForwardFront):
         session = self.session
         body = self._body
         assert body is not None and session.up is not None and session.down is not None
-        try:
-            taken = body.feed(data)
-        except RequestError as e:
-            self._bad_body(e)
-            return
+        taken = body.feed(data)  # Content-Length: counting only, it cannot fail
         if taken:
             session.up.transport.write(data[:taken])  # type: ignore[union-attr]
         if body.done:
@@ -237,9 +299,3 @@ class HttpConnectFront(ForwardFront):
         assert down is not None
         down.end_preamble(b"")
         down.readConnectionLost()
-
-    def _bad_body(self, error: RequestError) -> None:
-        """Malformed chunk framing after the head went out: the request is broken, drop both legs."""
-        self.session.flag("DPE")
-        self.note(error.reason, warn=True)
-        self.session.abort()

@@ -15,8 +15,10 @@ The conversation, for one client connection (wire format in ``socks.py``):
    ``--socks5-hostname``; with plain ``socks5://`` they resolve locally and
    send an address, which must then match an allowlisted CIDR).  A name
    that is not a valid host name gets ``0x04 host unreachable``; one
-   outside ``allow_destinations`` ``0x02 not allowed by ruleset`` (flag
-   ``NR``).  Nothing is dialled before these checks pass.
+   outside ``allow_destinations`` (the user's own list if it has one, else
+   the listener's) ``0x02 not allowed by ruleset`` (flag ``NR``), unless
+   ``policy: report`` lets it through (flag ``RP``, see ``forward.py``).
+   Nothing is dialled before these checks pass.
 4. Dial through the listener's cluster.  Failures map to reply codes:
    refused ``0x05``, name not resolved or no route ``0x04``, connect
    timeout ``0x06 TTL expired`` (what microsocks answers for ETIMEDOUT),
@@ -29,7 +31,8 @@ from __future__ import annotations
 
 from ipaddress import ip_address
 
-from egressproxy.destinations import InvalidDestination, allowed, credentials_match, destination
+from egressproxy.addrguard import FLAG as ADDRESS_FLAG
+from egressproxy.destinations import InvalidDestination, authenticate, destination
 from egressproxy.modes.forward import ForwardFront
 from egressproxy.socks import (
     COMMAND_NOT_SUPPORTED,
@@ -64,7 +67,7 @@ class Socks5Front(ForwardFront):
 
     def start(self) -> None:
         users = self.session.listener.config.users
-        check = (lambda name, password: credentials_match(users, name, password)) if users else None
+        check = (lambda name, password: self.authenticated(authenticate(users, name, password))) if users else None
         self._handshake = Socks5Handshake(check)
         self._started = False
         super().start()
@@ -101,7 +104,7 @@ class Socks5Front(ForwardFront):
             self.refuse_request(reply(HOST_UNREACHABLE), f"bad destination: {e}")
             return
         self.session.upstream_name = str(dest)
-        if not allowed(self.session.listener.config.allow_destinations, dest):
+        if not self.destination_allowed(dest, "SOCKS5 CONNECT"):
             self.refuse_destination(dest, reply(NOT_ALLOWED), "SOCKS5 CONNECT")
             return
         self.session.down.end_preamble(rest)  # type: ignore[union-attr]
@@ -117,5 +120,9 @@ class Socks5Front(ForwardFront):
         self.session.splice()
 
     def upstream_failed(self, flag: str, reason: str) -> None:
+        if flag == ADDRESS_FLAG:
+            self.note(f"destination {self.session.upstream_name} {self.session.refused_address}")
+            self.answer_and_close(reply(NOT_ALLOWED))
+            return
         code = GENERAL_FAILURE if flag == "UO" else _CONNECT_FAILURES.get(reason, GENERAL_FAILURE)
         self.answer_and_close(reply(code))

@@ -11,9 +11,11 @@ by the clients (``curl --cacert``, never ``-k``).
 
 from __future__ import annotations
 
+import base64
 import os
+import re
 import shutil
-from typing import Any
+from typing import Any, NamedTuple
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -32,6 +34,27 @@ from tests.tlsfixtures import TestCA
 
 PASSWORD = "s3cret-pw"
 BODY = b"hello from api.egress.test\n"
+
+#: A forward listener's access line: Envoy's eight fields, then user= and dialled=.
+FORWARD_LINE = re.compile(
+    r'^\[[^\]]+\] (?P<prefix>\S+) (?P<peer>\S+) (?P<upstream>\S+) \d+ \d+ \d+ "(?P<flags>[^"]*)" '
+    r"user=(?P<user>\S+) dialled=(?P<dialled>\S+)$"
+)
+
+
+class ForwardLine(NamedTuple):
+    upstream: str
+    flags: str
+    user: str
+    dialled: str
+
+
+def parse_forward(line: str) -> ForwardLine:
+    """A forward listener's access line as fields; fails the test on any other shape."""
+    match = FORWARD_LINE.match(line)
+    if match is None:
+        raise AssertionError(f"not a forward access-log line: {line!r}")
+    return ForwardLine(match["upstream"], match["flags"], match["user"], match["dialled"])
 
 
 class Hello(Resource):
@@ -145,6 +168,7 @@ listeners:
     listen: "127.0.0.1:0"
     mode: socks5
     allow_destinations: ["api.egress.test:{self.tls_port}", "127.0.0.1/32:{self.plain_port}"]
+    accept_risk: ["127.0.0.1/32:{self.plain_port}"]
     users: [{{name: alice, password: "${{PROXY_PASSWORD}}"}}]
 clusters:
   - name: unused
@@ -208,8 +232,10 @@ clusters:
         self.assertEqual(self.tls_site.accepted, 1)
         [line] = await self.proxy.wait_for_lines(1)
         self.assertIn(" FWD 127.0.0.1:", line)
-        self.assertIn(f" api.egress.test:{self.tls_port} ", line)
-        self.assertTrue(line.endswith(' "-"'), line)
+        self.assertEqual(
+            parse_forward(line),
+            ForwardLine(f"api.egress.test:{self.tls_port}", "-", "alice", f"127.0.0.1:{self.tls_port}"),
+        )
         self.assertNotIn(PASSWORD, line)
 
     @inline
@@ -253,7 +279,7 @@ clusters:
         self.assertEqual(self.tls_site.accepted, 0)
         await self.proxy.wait_for_lines(1)
         line = self.access_line(f"api.egress.test:{self.tls_port}")
-        self.assertTrue(line.endswith(' "UAEX"'), line)
+        self.assertEqual(parse_forward(line), ForwardLine(f"api.egress.test:{self.tls_port}", "UAEX", "-", "-"))
         self.assertNotIn("wrong", line)
 
     @inline
@@ -276,7 +302,7 @@ clusters:
         await deferLater(reactor, 0.2, lambda: None)
         self.assertEqual(self.other_site.accepted, 0)
         line = self.access_line(f"denied.egress.test:{self.other_port}")
-        self.assertTrue(line.endswith(' "NR"'), line)
+        self.assertEqual(parse_forward(line), ForwardLine(f"denied.egress.test:{self.other_port}", "NR", "alice", "-"))
 
     @inline
     async def test_refused_502(self) -> None:
@@ -299,7 +325,7 @@ clusters:
         client = await self.raw(proxy.port("fwd2"), f"CONNECT api.egress.test:{free} HTTP/1.1\r\n\r\n".encode())
         self.assertTrue(client.received.startswith(b"HTTP/1.1 502 Bad Gateway\r\n"), client.received)
         [line] = await proxy.wait_for_lines(1)
-        self.assertTrue(line.endswith(' "UF"'), line)
+        self.assertEqual(parse_forward(line).flags, "UF")
 
     # -- http_connect: plain http:// ---------------------------------------
 
@@ -337,6 +363,100 @@ clusters:
         self.assertIn(b"body=6000", first)
         self.assertIn(b"body=70000", second)
 
+    @inline
+    async def test_malformed_chunked_body_400(self) -> None:
+        """Bad chunk framing is answered 400, an oversized chunked body 413: the origin sees no connection."""
+        auth = base64.b64encode(f"alice:{PASSWORD}".encode())
+        head = (
+            f"POST http://plain.egress.test:{self.plain_port}/upload HTTP/1.1\r\n"
+            f"Host: plain.egress.test:{self.plain_port}\r\n".encode()
+            + b"Proxy-Authorization: Basic " + auth + b"\r\nTransfer-Encoding: chunked\r\n\r\n"
+        )
+        client = await self.raw(self.http_proxy, head + b"5\r\nhello\r\nzz\r\n0\r\n\r\n")
+        self.assertTrue(client.received.startswith(b"HTTP/1.1 400 Bad Request\r\n"), client.received)
+        self.assertIn(b"malformed chunk size", client.received)
+        big = b"%x\r\n" % (512 * 1024) + b"x" * (512 * 1024) + b"\r\n0\r\n\r\n"
+        client = await self.raw(self.http_proxy, head + big)
+        self.assertTrue(client.received.startswith(b"HTTP/1.1 413 Content Too Large\r\n"), client.received)
+        lines = await self.proxy.wait_for_lines(2)
+        await deferLater(reactor, 0.2, lambda: None)
+        self.assertEqual(self.plain_site.accepted, 0)
+        self.assertEqual(
+            [parse_forward(line) for line in lines],
+            [ForwardLine(f"plain.egress.test:{self.plain_port}", "DPE", "alice", "-")] * 2,
+        )
+
+    # -- per-user destinations, policy: report ----------------------------------
+
+    def two_users_proxy(self) -> InProcessProxy:
+        """An enforce and a report listener; bob has his own list (plain only), alice the listener's (api only)."""
+        listener = f"""
+    mode: http_connect
+    allow_addresses: ["127.0.0.0/8"]
+    allow_destinations: ["api.egress.test:{self.tls_port}"]
+    users:
+      - {{name: alice, password: pw-a}}
+      - {{name: bob, password: pw-b, allow_destinations: ["plain.egress.test:{self.plain_port}"]}}"""
+        return InProcessProxy(self, f"""
+hosts: {{api.egress.test: 127.0.0.1, plain.egress.test: 127.0.0.1}}
+listeners:
+  - name: strict
+    listen: "127.0.0.1:0"{listener}
+  - name: rep
+    listen: "127.0.0.1:0"
+    policy: report{listener}
+clusters:
+  - name: unused
+    endpoints: ["127.0.0.1:1"]
+""")
+
+    def plain_get(self, name: str, password: str) -> bytes:
+        auth = base64.b64encode(f"{name}:{password}".encode())
+        return (
+            f"GET http://plain.egress.test:{self.plain_port}/who HTTP/1.1\r\n".encode()
+            + b"Proxy-Authorization: Basic " + auth + b"\r\n\r\n"
+        )
+
+    @inline
+    async def test_per_user_destinations(self) -> None:
+        """bob reaches only his own list, alice only the listener's: the lists are not merged."""
+        proxy = self.two_users_proxy()
+        port = proxy.port("strict")
+        bob = await self.raw(port, self.plain_get("bob", "pw-b"))
+        self.assertTrue(bob.received.startswith(b"HTTP/1.1 200 OK\r\n"), bob.received)
+        alice = await self.raw(port, self.plain_get("alice", "pw-a"))
+        self.assertTrue(alice.received.startswith(b"HTTP/1.1 403 Forbidden\r\n"), alice.received)
+        out, err, code = await self.curl_https("--proxy", f"http://bob:pw-b@127.0.0.1:{port}")
+        self.assertIn("HTTP/1.1 403 Forbidden", out)
+        out, err, code = await self.curl_https("--proxy", f"http://alice:pw-a@127.0.0.1:{port}")
+        self.assertEqual(code, 0, err)
+        lines = [parse_forward(line) for line in await proxy.wait_for_lines(4)]
+        self.assertEqual(
+            [(line.flags, line.user) for line in lines], [("-", "bob"), ("NR", "alice"), ("NR", "bob"), ("-", "alice")]
+        )
+        self.assertEqual(self.plain_site.accepted, 1)
+
+    @inline
+    async def test_report_mode(self) -> None:
+        """policy: report serves what enforce refuses, flagged RP and counted; a wrong password is still 407."""
+        proxy = self.two_users_proxy()
+        port = proxy.port("rep")
+        alice = await self.raw(port, self.plain_get("alice", "pw-a"))
+        self.assertTrue(alice.received.startswith(b"HTTP/1.1 200 OK\r\n"), alice.received)
+        self.assertIn(b"GET /who HTTP/1.1", alice.received)
+        wrong = await self.raw(port, self.plain_get("alice", "pw-b"))
+        self.assertTrue(wrong.received.startswith(b"HTTP/1.1 407 "), wrong.received)
+        lines = [parse_forward(line) for line in await proxy.wait_for_lines(2)]
+        self.assertEqual(
+            lines,
+            [
+                ForwardLine(f"plain.egress.test:{self.plain_port}", "RP", "alice", f"127.0.0.1:{self.plain_port}"),
+                ForwardLine(f"plain.egress.test:{self.plain_port}", "UAEX", "-", "-"),
+            ],
+        )
+        self.assertEqual(proxy.service.listeners["rep"].reported, {"destination": 1})
+        self.assertEqual(self.plain_site.accepted, 1)
+
     # -- socks5 ---------------------------------------------------------------
 
     @inline
@@ -350,7 +470,10 @@ clusters:
         self.assertTrue(out.endswith(BODY.decode()))
         [line] = await self.proxy.wait_for_lines(1)
         self.assertIn(" SOCKS 127.0.0.1:", line)
-        self.assertIn(f" api.egress.test:{self.tls_port} ", line)
+        self.assertEqual(
+            parse_forward(line),
+            ForwardLine(f"api.egress.test:{self.tls_port}", "-", "alice", f"127.0.0.1:{self.tls_port}"),
+        )
 
     @inline
     async def test_curl_socks5_wrong_credentials(self) -> None:
@@ -361,7 +484,7 @@ clusters:
         self.assertNotEqual(code, 0)
         self.assertEqual(self.tls_site.accepted, 0)
         [line] = await self.proxy.wait_for_lines(1)
-        self.assertTrue(line.endswith(' "UAEX"'), line)
+        self.assertEqual(parse_forward(line).flags, "UAEX")
 
     @inline
     async def test_curl_socks5_not_allowed(self) -> None:
@@ -450,7 +573,7 @@ clusters:
         await trickling
         self.assertTrue(slow.received.startswith(b"HTTP/1.1 408 Request Timeout\r\n"), slow.received)
         await self.proxy.wait_for_lines(2)
-        self.assertTrue(self.access_line('"DPE"').endswith(' "DPE"'))
+        self.assertEqual(parse_forward(self.access_line('"DPE"')).flags, "DPE")
 
     @inline
     async def test_random_socks_bytes(self) -> None:
@@ -506,5 +629,6 @@ clusters:
         first.transport.loseConnection()
         await first.closed
         lines = await proxy.wait_for_lines(2)
-        self.assertTrue(any(line.endswith(' "UO"') and f"plain.egress.test:{self.plain_port}" in line for line in lines))
+        refused = ForwardLine(f"plain.egress.test:{self.plain_port}", "UO", "-", "-")
+        self.assertIn(refused, [parse_forward(line) for line in lines])
         self.assertEqual(self.plain_site.accepted, 0)
