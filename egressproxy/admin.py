@@ -19,20 +19,43 @@ call ``request_drain()`` and ``reload()``; they own no state and make no
 decisions of their own.  This module does not bind ports; whoever owns the
 service tree listens with the sites built here.  Sites log nothing per
 request: Fly scrapes every few seconds.
+
+Bounds and guards (issue 11):
+
+- **Deadline and cap.**  Each site keeps at most ``HTTP_MAX_CONNECTIONS``
+  connections; a connection beyond that is closed at accept, unread
+  (``buildProtocol`` answers None).  A connection must deliver a whole request
+  within ``HTTP_TIMEOUT`` seconds of connecting or of its previous response,
+  whatever it sends meanwhile: twisted.web's ``Site(timeout=...)`` alone is an
+  idle timeout that every received byte resets, so a client dripping one
+  header byte at a time would hold its descriptor for ever.  Idle sockets on
+  these ports therefore cannot pile up and starve the listeners of descriptors.
+- **Through the proxy.**  Every request whose TCP peer is the local end of
+  one of the proxy's own live upstream connections (a forward mode, or a
+  cluster, that dialled these ports) is answered 403, on both sites.  The
+  address guard on dials stops that first; this is the second line.
+- **Admin token.**  With ``EGRESSPROXY_ADMIN_TOKEN`` set, ``POST /drain`` and
+  ``POST /reload`` need ``Authorization: Bearer <token>`` (401 without one,
+  403 with a wrong one); the GET routes stay open.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 from collections.abc import Mapping
 from typing import Any, Protocol
 
 from prometheus_client.core import CollectorRegistry
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IAddress, IReactorTime
+from twisted.logger import Logger
+from twisted.web.http import HTTPChannel
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
 
 from egressproxy import snapshot
+from egressproxy.addresses import format_peer
 from egressproxy.listener import ListenerRuntime
 from egressproxy.metrics import RELOAD_RESULTS, MetricsResource
 from egressproxy.snapshot import Snapshot
@@ -47,6 +70,22 @@ JSON = b"application/json"
 #: path -> (the methods it accepts, the resource answering them)
 RouteTable = Mapping[bytes, tuple[tuple[bytes, ...], IResource]]
 
+#: Seconds a connection to the metrics or admin service has to deliver a whole
+#: request, from its connect or its previous response; traffic does not extend it.
+HTTP_TIMEOUT = 10.0
+#: Connections each HTTP service keeps open; beyond it new ones are closed at accept.
+HTTP_MAX_CONNECTIONS = 64
+
+#: The environment variable holding the bearer token ``POST /drain`` and ``/reload`` need.
+ADMIN_TOKEN_ENV = "EGRESSPROXY_ADMIN_TOKEN"
+
+log = Logger()
+
+
+def admin_token(environ: Mapping[str, str]) -> str | None:
+    """The admin token from ``environ`` (surrounding whitespace dropped); None when unset or empty."""
+    return environ.get(ADMIN_TOKEN_ENV, "").strip() or None
+
 
 class AdminTarget(Protocol):
     """What the HTTP services read from and call on the service (``EgressService``)."""
@@ -58,6 +97,11 @@ class AdminTarget(Protocol):
     ready: bool
     draining: bool
     reloads: Mapping[str, int]
+    #: The bearer token ``POST /drain`` and ``/reload`` require; None: none required.
+    admin_token: str | None
+
+    def is_own_upstream(self, address: IAddress) -> bool:
+        """Whether ``address`` is the local end of one of the proxy's live upstream connections."""
 
     def worker_snapshots(self) -> list[Snapshot]:
         """The other workers' counters (``workers: N``); empty with one worker."""
@@ -81,17 +125,27 @@ def _line(text: str) -> str:
 
 
 class Routes(Resource):
-    """A site's root: exact paths, each with its methods; 404 and 405 for the rest."""
+    """A site's root: exact paths, each with its methods; 404 and 405 for the rest.
+
+    With ``service``, a request that came through the proxy itself (its peer
+    is one of the proxy's own upstream connections) is answered 403 first.
+    """
 
     isLeaf = True
 
-    def __init__(self, routes: RouteTable) -> None:
+    def __init__(self, routes: RouteTable, service: AdminTarget | None = None, name: str = "http") -> None:
         super().__init__()
         self.routes = dict(routes)
+        self.service = service
+        self.name = name
 
     def render(self, request: Request) -> bytes:
         """Answer ``request`` (``IResource.render``); HEAD gets GET's headers and no body."""
-        body = self._dispatch(request)
+        if self.service is not None and self.service.is_own_upstream(request.getClientAddress()):
+            refused(self.name, request, "it came through this proxy")
+            body = respond(request, 403, "request came through this proxy\n")
+        else:
+            body = self._dispatch(request)
         if request.method == b"HEAD":
             request.setHeader(b"Content-Length", b"%d" % (len(body),))
             return b""
@@ -107,6 +161,62 @@ class Routes(Resource):
             request.setHeader(b"Allow", b", ".join(methods))
             return respond(request, 405, "method not allowed\n")
         body: bytes = resource.render(request)
+        return body
+
+
+def refused(site: str, request: Request, why: str) -> None:
+    """Log a refused request: site, method, path and peer (never a credential)."""
+    log.warn(
+        "{site}: refused {method} {path} from {peer}: {why}",
+        site=site,
+        method=request.method.decode("ascii", "replace"),
+        path=(b"/" + b"/".join(request.postpath)).decode("ascii", "replace"),
+        peer=format_peer(request.getClientAddress()),
+        why=why,
+    )
+
+
+def bearer_token(value: bytes | None) -> bytes | None:
+    """The credentials of an ``Authorization: Bearer <token>`` header value; None for any other."""
+    if value is None:
+        return None
+    scheme, _, credentials = value.strip().partition(b" ")
+    if scheme.lower() != b"bearer":
+        return None
+    return credentials.strip() or None
+
+
+def token_matches(presented: bytes, token: str) -> bool:
+    """Constant-time comparison; both sides hashed first, so not even the length leaks."""
+    return hmac.compare_digest(hashlib.sha256(presented).digest(), hashlib.sha256(token.encode("utf-8")).digest())
+
+
+class RequireToken(Resource):
+    """Wraps an admin action: while the service has an ``admin_token``, the request must carry it.
+
+    No ``Authorization: Bearer`` header: 401 with ``WWW-Authenticate: Bearer``;
+    a wrong token: 403.  Either is logged, without the token presented.
+    """
+
+    isLeaf = True
+
+    def __init__(self, resource: IResource, service: AdminTarget) -> None:
+        super().__init__()
+        self.resource = resource
+        self.service = service
+
+    def render(self, request: Request) -> bytes:
+        token = self.service.admin_token
+        if token is not None:
+            presented = bearer_token(request.getHeader(b"authorization"))
+            if presented is None:
+                refused("admin", request, "no bearer token")
+                request.setHeader(b"WWW-Authenticate", b'Bearer realm="egressproxy admin"')
+                return respond(request, 401, "this action needs Authorization: Bearer <token>\n")
+            if not token_matches(presented, token):
+                refused("admin", request, "wrong bearer token")
+                return respond(request, 403, "wrong token\n")
+        body: bytes = self.resource.render(request)
         return body
 
 
@@ -267,18 +377,75 @@ class ReloadResource(Resource):
         return respond(request, 200 if ok else 400, _line(text))
 
 
+class BoundedChannel(HTTPChannel):
+    """An HTTP connection whose timeout is a deadline for each request, and that logs nothing.
+
+    ``HTTPChannel`` arms its timeout at connect and after each response and
+    disarms it once a request is complete; ``TimeoutMixin`` would also push
+    it back on every read, which here does nothing.  ``HTTPChannel`` logs
+    only its timeouts, one line per connection: silenced, as requests are.
+    """
+
+    _log = Logger(observer=lambda event: None)
+
+    def resetTimeout(self) -> None:
+        """Reads do not extend the deadline (``TimeoutMixin.resetTimeout``)."""
+
+    def connectionLost(self, reason: object) -> None:
+        super().connectionLost(reason)
+        self.site.channel_closed()
+
+
 class QuietSite(Site):
     """A Site that logs nothing per request: no access line, no factory start/stop lines.
 
     ``name`` prefixes the port's own start and stop lines (``metrics http
-    starting on 9091``).
+    starting on 9091``).  ``timeout`` is each request's deadline (see
+    :class:`BoundedChannel`; also how long a response may take to flush
+    after it); past ``max_connections`` open connections, new ones are closed
+    at accept without a byte read.
     """
 
     noisy = False
+    protocol = BoundedChannel  # type: ignore[assignment]
 
-    def __init__(self, resource: IResource, name: str, reactor: IReactorTime) -> None:
-        super().__init__(resource, reactor=reactor)
+    def __init__(
+        self,
+        resource: IResource,
+        name: str,
+        reactor: IReactorTime,
+        timeout: float = HTTP_TIMEOUT,
+        max_connections: int = HTTP_MAX_CONNECTIONS,
+    ) -> None:
+        super().__init__(resource, reactor=reactor, timeout=timeout)
         self.name = name
+        self.max_connections = max_connections
+        #: Connections open now, and those closed at accept for being over the cap.
+        self.open_connections = 0
+        self.refused_connections = 0
+        self._full = False
+
+    def buildProtocol(self, addr: IAddress) -> BoundedChannel | None:  # type: ignore[override]
+        """A channel, or None (the port closes the socket unread) when ``max_connections`` are open."""
+        if self.open_connections >= self.max_connections:
+            self.refused_connections += 1
+            if not self._full:
+                self._full = True
+                log.warn(
+                    "{name} http: {count} connections open: closing new ones until some end",
+                    name=self.name, count=self.open_connections,
+                )
+            return None
+        channel: BoundedChannel = super().buildProtocol(addr)  # type: ignore[assignment]
+        channel.abortTimeout = self.timeOut
+        self.open_connections += 1
+        return channel
+
+    def channel_closed(self) -> None:
+        """A channel's connection is gone."""
+        self.open_connections -= 1
+        if self.open_connections <= self.max_connections // 2:
+            self._full = False  # the next time the cap is reached is logged again
 
     def logPrefix(self) -> str:
         """The prefix of the listening port's log lines (``Factory.logPrefix``)."""
@@ -298,7 +465,7 @@ def _read_only_routes(service: AdminTarget, registry: CollectorRegistry) -> Rout
 
 def build_metrics_site(service: AdminTarget, registry: CollectorRegistry) -> Site:
     """The metrics service: GET and HEAD of /metrics, /ready and /healthz only."""
-    return QuietSite(Routes(_read_only_routes(service, registry)), "metrics", service.reactor)
+    return QuietSite(Routes(_read_only_routes(service, registry), service, "metrics"), "metrics", service.reactor)
 
 
 def build_admin_site(service: AdminTarget, registry: CollectorRegistry) -> Site:
@@ -307,7 +474,7 @@ def build_admin_site(service: AdminTarget, registry: CollectorRegistry) -> Site:
         **_read_only_routes(service, registry),
         b"/stats": (GET_HEAD, StatsResource(service)),
         b"/clusters": (GET_HEAD, ClustersResource(service)),
-        b"/drain": (POST, DrainResource(service)),
-        b"/reload": (POST, ReloadResource(service)),
+        b"/drain": (POST, RequireToken(DrainResource(service), service)),
+        b"/reload": (POST, RequireToken(ReloadResource(service), service)),
     }
-    return QuietSite(Routes(routes), "admin", service.reactor)
+    return QuietSite(Routes(routes, service, "admin"), "admin", service.reactor)

@@ -14,7 +14,8 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
 from egressproxy.accesslog import AccessRecord
-from egressproxy.addresses import peer_ip, source_allowed
+from egressproxy.addrguard import AddressPolicy
+from egressproxy.addresses import IPAddress, peer_ip, source_allowed
 from egressproxy.config import ListenerConfig
 from egressproxy.modes import front_class
 from egressproxy.splice import DownstreamLeg
@@ -26,7 +27,10 @@ if TYPE_CHECKING:
 
 
 #: Why a connection may be refused before anything is dialled.
-REJECT_REASONS = ("source", "max_connections", "proxy_protocol")
+REJECT_REASONS = (
+    "source", "max_connections", "max_connections_per_source", "proxy_protocol", "proxy_protocol_untrusted",
+    "internal_address", "own_address",
+)
 
 
 class ListenerRuntime:
@@ -45,11 +49,18 @@ class ListenerRuntime:
         #: Connections not admitted yet: waiting for their PROXY header.  A
         #: drain waits for them and an abort reaches them like the others.
         self.awaiting: set[Session] = set()
+        #: Admitted sessions per source address (the PROXY header's on such
+        #: listeners): +1 at admission, -1 when the session ends; no zeros kept.
+        self.per_source: dict[IPAddress, int] = {}
         self.connections_total = 0
         # Known reasons start at zero, so their series exist before the first event.
         self.rejected: dict[str, int] = dict.fromkeys(REJECT_REASONS, 0)
+        self.last_refusal = ""
         #: Postgres logins the server refused, by SQLSTATE (28P01, 28000, ...).
         self.login_refused: dict[str, int] = {}
+        #: Connections ``policy: report`` let through that enforce would refuse,
+        #: by reason (``destination``: outside allow_destinations).
+        self.reported: dict[str, int] = {}
         self.finished_bytes_received = 0
         self.finished_bytes_sent = 0
         #: The service's configured clusters by name (a front routing to a
@@ -65,20 +76,37 @@ class ListenerRuntime:
     def admit(self, session: Session) -> str | None:
         """Count a new connection; the refusal flag if it may not proceed, else None.
 
-        Refusals happen before any upstream is dialled.
+        Refusals happen before any upstream is dialled.  A peer without an
+        IP address (a unix socket) is not counted per source: every such
+        client would look like the same one.
         """
         self.connections_total += 1
-        if not source_allowed(peer_ip(session.peer_address), self.config.allow_sources):
+        source = peer_ip(session.peer_address)
+        if not source_allowed(source, self.config.allow_sources):
             self._reject("source")
             return "RBAC"
         if len(self.sessions) >= self.config.max_connections:
             self._reject("max_connections")
             return "OM"
+        if source is not None:
+            count = self.per_source.get(source, 0)
+            if count >= self.config.max_connections_per_source:
+                self._reject("max_connections_per_source")
+                return "OM"
+            self.per_source[source] = count + 1
+            session.counted_source = source
         self.sessions.add(session)
         return None
 
     def _reject(self, reason: str) -> None:
         self.rejected[reason] = self.rejected.get(reason, 0) + 1
+        #: Why the newest connection was refused (read by the session refusing it, at once).
+        self.last_refusal = reason
+
+    def address_policy(self) -> AddressPolicy:
+        """The address rules for destinations this listener's clients choose (``addrguard``)."""
+        config = self.config
+        return AddressPolicy(config.allow_addresses, config.deny_addresses, report=config.policy == "report")
 
     def count_rejected(self, reason: str) -> None:
         """Count an admitted connection its front refused before dialling (e.g. ``no_route``)."""
@@ -87,6 +115,10 @@ class ListenerRuntime:
     def count_login_refused(self, sqlstate: str) -> None:
         """Count a Postgres login the server refused, by its SQLSTATE."""
         self.login_refused[sqlstate] = self.login_refused.get(sqlstate, 0) + 1
+
+    def count_reported(self, reason: str) -> None:
+        """Count a connection ``policy: report`` allowed although enforce would refuse it."""
+        self.reported[reason] = self.reported.get(reason, 0) + 1
 
     def count_unadmitted(self, reason: str | None) -> None:
         """Count a connection that ended before admission (``admit`` counts the others)."""
@@ -108,6 +140,14 @@ class ListenerRuntime:
 
     def session_finished(self, session: Session, record: AccessRecord) -> None:
         self.sessions.discard(session)
+        source = session.counted_source
+        if source is not None:
+            session.counted_source = None
+            left = self.per_source[source] - 1
+            if left:
+                self.per_source[source] = left
+            else:
+                del self.per_source[source]
         self.finished_bytes_received += session.bytes_received
         self.finished_bytes_sent += session.bytes_sent
         self.access_log.info("{record}", record=record)

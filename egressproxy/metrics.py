@@ -115,16 +115,23 @@ class EgressCollector:
             "Postgres logins the server refused (relayed through originate or plaintext listeners), by SQLSTATE.",
             labels=["listener", "sqlstate"],
         )
+        reported = CounterMetricFamily(
+            "egressproxy_policy_reported",
+            "Connections a policy: report listener allowed although policy: enforce would refuse them, by reason.",
+            labels=["listener", "reason"],
+        )
         for name, entry in listeners.items():
             for sqlstate, count in sorted(entry.get("login_refused", {}).items()):
                 login_refused.add_metric([name, sqlstate], count)
+            for reason, count in sorted(entry.get("reported", {}).items()):
+                reported.add_metric([name, reason], count)
             total.add_metric([name], entry["connections"])
             active.add_metric([name], entry["active"])
             for reason, count in sorted(entry["rejected"].items()):
                 rejected.add_metric([name, reason], count)
             received.add_metric([name], entry["received"])
             sent.add_metric([name], entry["sent"])
-        yield from (total, active, rejected, received, sent, login_refused)
+        yield from (total, active, rejected, received, sent, login_refused, reported)
 
     def _cluster_metrics(self, clusters: Mapping[str, Mapping[str, Any]]) -> Iterator[Metric]:
         active = GaugeMetricFamily(

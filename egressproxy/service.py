@@ -59,13 +59,13 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from typing import IO, Callable
+from typing import IO, Callable, Mapping
 
 import attrs
 from twisted.application.service import MultiService
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.interfaces import IListeningPort, IReactorCore
+from twisted.internet.interfaces import IAddress, IListeningPort, IReactorCore
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
@@ -73,8 +73,9 @@ from twisted.web.server import Site
 
 from egressproxy import fastdispatch
 from egressproxy.accesslog import make_access_logger
-from egressproxy.admin import build_admin_site, build_metrics_site
-from egressproxy.addresses import format_host_port
+from egressproxy.addrguard import OwnSockets
+from egressproxy.admin import ADMIN_TOKEN_ENV, admin_token, build_admin_site, build_metrics_site
+from egressproxy.addresses import format_host_port, peer_ip
 from egressproxy.config import ClusterConfig, Config, ConfigError, HealthCheckConfig, ListenerConfig, load_config
 from egressproxy.health import HealthChecker
 from egressproxy.listen import ListenError, listen
@@ -113,8 +114,13 @@ class EgressService(MultiService):
         access_stream: IO[str] | None = None,
         reload_config: Callable[[], Config] | None = None,
         worker_index: int = 0,
+        environ: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__()
+        #: Where ``EGRESSPROXY_ADMIN_TOKEN`` is read, at start and on each successful reload.
+        self.environ: Mapping[str, str] = os.environ if environ is None else environ
+        #: The bearer token ``POST /drain`` and ``/reload`` need (None: none needed); see admin.py.
+        self.admin_token = admin_token(self.environ)
         #: 0 for the main worker (the only one with ``workers: 1``); see egressproxy.workers.
         self.worker_index = worker_index
         #: Fixed at start: a reload cannot change how many processes share the work.
@@ -133,6 +139,8 @@ class EgressService(MultiService):
         self.spawn_workers = False
         self.pool: WorkerPool | None = None
         self._snapshots: SnapshotSender | None = None
+        #: Never dialled, by any mode (``addrguard``): read live from ``ports`` and ``http_ports``.
+        self.own_sockets = OwnSockets(self._bound_sockets)
         self.clusters = {c.name: self._new_cluster(c) for c in config.clusters}
         #: Per listener without a ``cluster``: the limits for the destinations it picks.
         self.dynamic: dict[str, UpstreamCluster] = {}
@@ -170,6 +178,30 @@ class EgressService(MultiService):
         runtimes = list(self.listeners.values()) + self.retired
         return sum(r.active + len(r.awaiting) for r in runtimes)
 
+    def is_own_upstream(self, address: IAddress) -> bool:
+        """Whether ``address`` is the local end of one of this worker's live upstream connections.
+
+        The HTTP services refuse such peers: the request came through the
+        proxy itself.  It costs one ``getsockname`` per live upstream
+        connection, per HTTP request (as a scrape already sums every live
+        session's bytes).  Other workers' connections are not seen
+        (``workers: N``): the address guard on dials is the first line there.
+        """
+        ip = peer_ip(address)
+        if ip is None:
+            return False
+        port = address.port  # type: ignore[attr-defined]
+        for runtime in list(self.listeners.values()) + self.retired:
+            for session in runtime.sessions:
+                up = session.up
+                transport = up.transport if up is not None and not up.lost else None
+                if transport is None:
+                    continue
+                local = transport.getHost()
+                if getattr(local, "port", None) == port and peer_ip(local) == ip:
+                    return True
+        return False
+
     def all_clusters(self) -> dict[str, UpstreamCluster]:
         """Configured and dynamic clusters, by the name metrics and admin show."""
         return {**self.clusters, **{c.name: c for c in self.dynamic.values()}}
@@ -184,7 +216,19 @@ class EgressService(MultiService):
 
     def _new_cluster(self, config, label: str | None = None) -> UpstreamCluster:  # type: ignore[no-untyped-def]
         # Pins are looked up in the current config, so a reload's hosts: apply.
-        return UpstreamCluster(config, self.reactor, lambda host: self.config.pinned_address(host), label)
+        cluster = UpstreamCluster(config, self.reactor, lambda host: self.config.pinned_address(host), label)
+        cluster.own = self.own_sockets
+        return cluster
+
+    def _bound_sockets(self) -> list[tuple[str, int]]:
+        """(host, port) of every socket this process listens on now: listeners, admin, metrics."""
+        bound = []
+        for port in list(self.ports.values()) + list(self.http_ports.values()):
+            address = port.getHost()
+            host = getattr(address, "host", None)
+            if host is not None:
+                bound.append((host, address.port))
+        return bound
 
     def _cluster_for(self, listener: ListenerConfig, clusters: dict[str, UpstreamCluster]) -> UpstreamCluster:
         """The listener's cluster, or its dynamic one (default limits, ``NAME.dynamic`` in metrics).
@@ -248,6 +292,17 @@ class EgressService(MultiService):
                 raise ListenError(f"{name}: {e}") from None
             self.http_ports[name] = port
             self.log.info("{name} HTTP service listening on {address}", name=name, address=format_bound(port))
+            if name == "admin":
+                self._log_admin_token()
+
+    def _log_admin_token(self) -> None:
+        if self.admin_token is not None:
+            self.log.info("admin: POST /drain and /reload need the bearer token in {env}", env=ADMIN_TOKEN_ENV)
+        else:
+            self.log.warn(
+                "admin: {env} is not set: anyone who reaches the admin address can drain and reload",
+                env=ADMIN_TOKEN_ENV,
+            )
 
     def _http_sites(self) -> dict[str, Site]:
         """The metrics and admin sites, sharing one registry (never the global one)."""
@@ -399,6 +454,11 @@ class EgressService(MultiService):
             self.log.error("reload failed; the running config stays in force:\n{error}", error=str(e))
             return False, str(e)
         self.reloads["success"] += 1
+        token = admin_token(self.environ)
+        if token != self.admin_token:
+            self.admin_token = token
+            if self.http_ports.get("admin") is not None:
+                self._log_admin_token()
         if loaded.workers != self.worker_count:
             summary += f"; workers stays {self.worker_count} until a restart"
         self.log.info("config reloaded: {summary}", summary=summary)

@@ -9,7 +9,11 @@ On a listener with ``proxy_protocol``, the session first reads the client's
 PROXY header (parsed by ``proxyprotocol.py``): the header's source becomes
 the peer, and only then is the client admitted and the upstream dialled.
 A connection without a valid header within ``HEADER_TIMEOUT`` is closed with
-flag ``DPE`` and counted as rejected for reason ``proxy_protocol``.
+flag ``DPE`` and counted as rejected for reason ``proxy_protocol``.  With
+``proxy_protocol_trusted``, a peer outside that list is closed before a byte
+is read (``DPE``, reason ``proxy_protocol_untrusted``), so only the balancer
+can name a client.  Waiting connections are not counted per source (they
+have none yet); ``HEADER_TIMEOUT`` bounds how long each holds a descriptor.
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ from twisted.internet.interfaces import IAddress, IDelayedCall
 from twisted.python.failure import Failure
 
 from egressproxy.accesslog import AccessRecord
-from egressproxy.addresses import format_peer
+from egressproxy.addrguard import FLAG as ADDRESS_FLAG
+from egressproxy.addresses import IPAddress, format_peer, peer_ip, source_allowed
 from egressproxy.config import Address
 from egressproxy.proxyprotocol import HEADER_TIMEOUT, HeaderParser, InvalidProxyHeader
 from egressproxy.sockopts import tune_tcp
@@ -32,8 +37,20 @@ if TYPE_CHECKING:
     from egressproxy.listener import ListenerRuntime
 
 
+#: What a front tells a client refused at admission, by the listener's reason.
+_REFUSALS = {
+    "source": "source address not allowed",
+    "max_connections": "too many connections",
+    "max_connections_per_source": "too many connections from this source address",
+}
+
+
 class Session:
     """State of one downstream connection; see the module docstring."""
+
+    #: The source address the listener counted this session under at
+    #: admission (``max_connections_per_source``); None when not counted.
+    counted_source: IPAddress | None = None
 
     def __init__(self, listener: ListenerRuntime, peer: IAddress) -> None:
         self.listener = listener
@@ -43,6 +60,13 @@ class Session:
         self.bytes_received = 0
         self.bytes_sent = 0
         self.upstream_name = "-"
+        #: Why the address checks refused the destination ("resolves to a private address"), if they did.
+        self.refused_address: str | None = None
+        #: Forward listeners set these to "-" (their access lines carry them):
+        #: the authenticated user's name, and the ``ip:port`` the upstream
+        #: socket is connected to.  None elsewhere (not logged).
+        self.user: str | None = None
+        self.dialled: str | None = None
         self.flags: list[str] = []
         self.keepalive = listener.cluster.config.keepalive
         self.down: DownstreamLeg | None = None
@@ -86,6 +110,8 @@ class Session:
             bytes_sent=self.bytes_sent,
             duration_ms=max(0, int(round((end - self.start) * 1000))),
             flags=tuple(self.flags),
+            user=self.user,
+            upstream_address=self.dialled,
         )
         self.listener.session_finished(self, record)
 
@@ -99,6 +125,9 @@ class Session:
         self.down = leg
         tune_tcp(leg.transport, self.keepalive)
         if self.listener.config.proxy_protocol:
+            if not self._proxy_header_sender_trusted():
+                self._refuse_untrusted_sender(leg)
+                return
             self._await_proxy_header(leg)
             return
         self._admit(leg)
@@ -107,20 +136,27 @@ class Session:
         refusal = self.listener.admit(self)
         if refusal is not None:
             self.flag(refusal)
-            reason = "source address not allowed" if refusal == "RBAC" else "too many connections"
+            reason = _REFUSALS.get(self.listener.last_refusal, "too many connections")
             self.front.refuse(refusal, reason)
             return
         self.front.start()
 
-    def connect_upstream(self, cluster: UpstreamCluster, endpoints: list[Address] | None = None) -> None:
+    def connect_upstream(
+        self, cluster: UpstreamCluster, endpoints: list[Address] | None = None, checked: bool = False
+    ) -> None:
         """Dial ``cluster`` (its own endpoints, or ``endpoints``), unless its breaker is open.
 
-        The front hears the outcome: ``upstream_connected`` or ``upstream_failed``.
+        ``checked``: the destination is the client's choice, so its addresses
+        are checked against the listener's ``allow_addresses``/``deny_addresses``
+        and the built-in internal ranges (``addrguard``).  The front hears the
+        outcome: ``upstream_connected`` or ``upstream_failed`` (flag ``IA``
+        for a refused address).
         """
         up = UpstreamLeg(self)
         # Kept for the release: a reload may give the listener another cluster.
         self.cluster = cluster
-        dial = cluster.dial(up, self._attempting, endpoints)
+        policy = self.listener.address_policy() if checked else None
+        dial = cluster.dial(up, self._attempting, endpoints, policy)
         if dial is None:
             self.flag("UO")
             self.front.upstream_failed("UO", "too many connections (circuit breaker open)")
@@ -149,7 +185,18 @@ class Session:
         self.upstream_name = str(address)
 
     def _upstream_connected(self, up: UpstreamLeg) -> None:
-        self._dial = None
+        dial, self._dial = self._dial, None
+        if dial is not None and dial.reported is not None:
+            # policy: report: dialled, though enforce would have refused it.
+            self.flag("RP")
+            self.listener.count_reported(dial.reported.reason)
+            self.listener.log.warn(
+                "{listener}: report mode: {peer} -> {upstream} {what}; enforce would refuse it",
+                listener=self.listener.config.name, peer=format_peer(self.peer_address),
+                upstream=self.upstream_name, what=dial.reported.what,
+            )
+        if self.dialled is not None:
+            self.dialled = format_peer(up.transport.getPeer())  # type: ignore[union-attr]
         self.front.upstream_connected(up)
 
     def _upstream_failed(self, failure: Failure) -> None:
@@ -159,6 +206,10 @@ class Session:
         flag = failure.value.flag if error else "UF"
         reason = failure.value.reason if error else "error"
         self.flag(flag)
+        if flag == ADDRESS_FLAG:
+            # Refused by the address checks: the front names the class, never the address.
+            self.refused_address = failure.value.detail
+            self.listener.count_rejected(reason)
         self.listener.log.info(
             "{listener}: upstream {upstream} failed for {peer}: {reason}",
             listener=self.listener.config.name,
@@ -225,6 +276,27 @@ class Session:
             self.down.abort()
 
     # -- PROXY protocol ------------------------------------------------------
+
+    def _proxy_header_sender_trusted(self) -> bool:
+        """Whether the TCP peer may send a PROXY header (``proxy_protocol_trusted``; any without it)."""
+        trusted = self.listener.config.proxy_protocol_trusted
+        return trusted is None or source_allowed(peer_ip(self.peer_address), trusted)
+
+    def _refuse_untrusted_sender(self, leg: DownstreamLeg) -> None:
+        """A peer outside ``proxy_protocol_trusted``: close before reading a byte, flag DPE.
+
+        Otherwise any client could name another source in a header and pass
+        ``allow_sources``.  Nothing is read, so the peer's own address is logged.
+        """
+        leg.transport.pauseProducing()  # type: ignore[attr-defined]
+        self.listener.count_unadmitted("proxy_protocol_untrusted")
+        self.flag("DPE")
+        self.listener.log.warn(
+            "{listener}: refused {peer}: not a trusted PROXY protocol sender (proxy_protocol_trusted)",
+            listener=self.listener.config.name,
+            peer=format_peer(self.peer_address),
+        )
+        leg.close()
 
     def _await_proxy_header(self, leg: DownstreamLeg) -> None:
         """Read the header before admission; the leg keeps reading meanwhile (splice note 6)."""

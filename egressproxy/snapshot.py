@@ -39,7 +39,7 @@ class SnapshotSource(Protocol):
 _FIELDS = {
     "listeners": {
         "connections": "count", "active": "count", "rejected": "reasons", "received": "count", "sent": "count",
-        "login_refused": "reasons",
+        "login_refused": "reasons", "reported": "reasons",
     },
     "clusters": {
         "active": "count", "connections": "count", "failures": "reasons", "overflows": "count",
@@ -107,6 +107,7 @@ def take(service: SnapshotSource) -> Snapshot:
             "active": runtime.active,
             "rejected": dict(runtime.rejected),
             "login_refused": dict(runtime.login_refused),
+            "reported": dict(runtime.reported),
             "received": runtime.bytes_received,
             "sent": runtime.bytes_sent,
         }

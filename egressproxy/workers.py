@@ -20,8 +20,8 @@ with ``--worker I``.  Every worker binds each listener's address itself with
 queues.  Nothing is passed between processes but signals and counters, so a
 reload binds new ports in each worker the way a single worker does.
 
-- **Limits** (a listener's or a cluster's ``max_connections``, a cluster's
-  ``max_pending``, also those of a forward proxy's per-listener dynamic
+- **Limits** (a listener's or a cluster's ``max_connections``, a listener's
+  ``max_connections_per_source``, a cluster's ``max_pending``, also those of a forward proxy's per-listener dynamic
   cluster) are split: each worker enforces ``limit // N`` (at least 1),
   so the proxy as a whole never exceeds the configured number (for limits of
   at least N).  The cost: one worker can refuse while another has room.
@@ -102,7 +102,12 @@ def share_limits(config: Config, workers: int) -> Config:
     return attrs.evolve(
         config,
         listeners=tuple(
-            attrs.evolve(l, max_connections=_share(l.max_connections, workers)) for l in config.listeners
+            attrs.evolve(
+                l,
+                max_connections=_share(l.max_connections, workers),
+                max_connections_per_source=_share(l.max_connections_per_source, workers),
+            )
+            for l in config.listeners
         ),
         clusters=tuple(share_cluster_limits(c, workers) for c in config.clusters),
     )

@@ -6,17 +6,39 @@ import json
 
 from prometheus_client import CONTENT_TYPE_LATEST
 from prometheus_client.parser import text_string_to_metric_families
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.error import ConnectionDone
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import globalLogPublisher
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.server import Site
 from twisted.web.test._util import _render
 from twisted.web.test.requesthelper import DummyRequest
 
-from egressproxy.admin import build_admin_site, build_metrics_site
+from egressproxy.admin import (
+    ADMIN_TOKEN_ENV,
+    HTTP_MAX_CONNECTIONS,
+    HTTP_TIMEOUT,
+    QuietSite,
+    Routes,
+    admin_token,
+    build_admin_site,
+    build_metrics_site,
+)
+from egressproxy.listener import REJECT_REASONS
 from egressproxy.metrics import make_registry
 from tests.test_metrics import FakeService, busy_service
 
 TEXT = [b"text/plain; charset=utf-8"]
+
+def rejected_lines(listener: str, counts: dict[str, int]) -> str:
+    """A listener's ``downstream_cx_rejected`` lines: every known reason, sorted."""
+    return "".join(
+        f"listener.{listener}.downstream_cx_rejected.{reason}: {counts.get(reason, 0)}\n"
+        for reason in sorted(REJECT_REASONS)
+    )
+
 
 STATS = """\
 cluster.api.circuit_breaker_open: 1
@@ -58,22 +80,20 @@ cluster.pg.upstream_rq_pending_active: 1
 listener.direct.downstream_bytes_received: 1284
 listener.direct.downstream_bytes_sent: 2892
 listener.direct.downstream_cx_active: 1
-listener.direct.downstream_cx_rejected.max_connections: 1
-listener.direct.downstream_cx_rejected.proxy_protocol: 0
-listener.direct.downstream_cx_rejected.source: 2
-listener.direct.downstream_cx_total: 12
+{direct_rejected}listener.direct.downstream_cx_total: 12
 listener.vendor.downstream_bytes_received: 0
 listener.vendor.downstream_bytes_sent: 0
 listener.vendor.downstream_cx_active: 0
-listener.vendor.downstream_cx_rejected.max_connections: 0
-listener.vendor.downstream_cx_rejected.proxy_protocol: 0
-listener.vendor.downstream_cx_rejected.source: 0
-listener.vendor.downstream_cx_total: 0
+{vendor_rejected}listener.vendor.downstream_cx_total: 0
 server.config_reloads.error: 1
 server.config_reloads.success: 3
 server.draining: 0
 server.ready: 1
-"""
+""".format(
+    # Every known reason has a line, at zero until counted (busy_service counts two).
+    direct_rejected=rejected_lines("direct", {"max_connections": 1, "source": 2}),
+    vendor_rejected=rejected_lines("vendor", {}),
+)
 
 CLUSTERS = {
     "clusters": [
@@ -365,3 +385,257 @@ class QuietSiteTests(SynchronousTestCase):
             (build_metrics_site(service, registry).logPrefix(), build_admin_site(service, registry).logPrefix()),
             ("metrics http", "admin http"),
         )
+
+
+class LogCapture:
+    """Collects global log events for the length of a test."""
+
+    def __init__(self, testcase: SynchronousTestCase) -> None:
+        self.events: list[dict] = []
+        globalLogPublisher.addObserver(self.events.append)
+        testcase.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+
+    def texts(self) -> list[str]:
+        from twisted.logger import formatEvent
+
+        return [formatEvent(event) for event in self.events]
+
+
+class AdminTokenTests(SiteTestCase):
+    """EGRESSPROXY_ADMIN_TOKEN: POST /drain and /reload need ``Authorization: Bearer``; GETs stay open."""
+
+    TOKEN = "s3cret-Token_1"
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.service.admin_token = self.TOKEN
+        self.site = build_admin_site(self.service, self.registry)
+        self.log = LogCapture(self)
+
+    def call(self, method: bytes, path: bytes, authorization: bytes | None = None) -> DummyRequest:
+        request = DummyRequest(path[1:].split(b"/"))
+        request.method = method
+        request.client = IPv4Address("TCP", "127.0.0.1", 51000)
+        if authorization is not None:
+            request.requestHeaders.addRawHeader(b"authorization", authorization)
+        self.successResultOf(_render(self.site.getResourceFor(request), request))
+        return request
+
+    def test_read_from_environment(self) -> None:
+        """The token is the variable's value without surrounding whitespace; unset or empty means none."""
+        self.assertEqual(admin_token({}), None)
+        self.assertEqual(admin_token({ADMIN_TOKEN_ENV: ""}), None)
+        self.assertEqual(admin_token({ADMIN_TOKEN_ENV: "  \n"}), None)
+        self.assertEqual(admin_token({ADMIN_TOKEN_ENV: " abc\n"}), "abc")
+
+    def test_missing_token_401(self) -> None:
+        """Without an Authorization header: 401 with WWW-Authenticate: Bearer, and nothing happens."""
+        for path in (b"/drain", b"/reload"):
+            request = self.call(b"POST", path)
+            self.assertEqual(request.responseCode, 401)
+            [challenge] = request.responseHeaders.getRawHeaders(b"www-authenticate")
+            self.assertTrue(challenge.startswith(b"Bearer"))
+        self.assertEqual((self.service.drain_requests, self.service.reload_calls), (0, 0))
+
+    def test_other_scheme_401(self) -> None:
+        """A Basic header (or a bare ``Bearer``) is no bearer token: 401."""
+        for header in (b"Basic YWRtaW46czNjcmV0", b"Bearer", b"Bearer   ", self.TOKEN.encode()):
+            self.assertEqual(self.call(b"POST", b"/drain", header).responseCode, 401, header)
+        self.assertEqual(self.service.drain_requests, 0)
+
+    def test_wrong_token_403(self) -> None:
+        """A wrong token: 403, and nothing happens."""
+        for token in (b"wrong", self.TOKEN.encode()[:-1], self.TOKEN.encode() + b"x", self.TOKEN.upper().encode()):
+            for path in (b"/drain", b"/reload"):
+                self.assertResponse(self.call(b"POST", path, b"Bearer " + token), 403, b"wrong token\n")
+        self.assertEqual((self.service.drain_requests, self.service.reload_calls), (0, 0))
+
+    def test_right_token_acts(self) -> None:
+        """The right token (the scheme in any case) drains and reloads as before."""
+        self.assertResponse(self.call(b"POST", b"/drain", b"Bearer " + self.TOKEN.encode()), 202, b"draining\n")
+        request = self.call(b"POST", b"/reload", b"bearer  " + self.TOKEN.encode())
+        self.assertEqual(request.responseCode, 200)
+        self.assertEqual((self.service.drain_requests, self.service.reload_calls), (1, 1))
+
+    def test_gets_stay_open(self) -> None:
+        """The read-only routes need no token."""
+        for path in (b"/stats", b"/clusters", b"/metrics", b"/ready", b"/healthz"):
+            self.assertEqual(self.call(b"GET", path).responseCode, 200, path)
+
+    def test_method_checked_before_token(self) -> None:
+        """GET /drain is still 405, token or not."""
+        self.assertEqual(self.call(b"GET", b"/drain").responseCode, 405)
+
+    def test_refusals_logged_without_the_token(self) -> None:
+        """Each refusal is logged with the path, the peer and why; the presented token never appears."""
+        self.call(b"POST", b"/drain")
+        self.call(b"POST", b"/reload", b"Bearer not-the-token")
+        texts = self.log.texts()
+        self.assertEqual(len(texts), 2)
+        self.assertIn("admin: refused POST /drain from 127.0.0.1:51000: no bearer token", texts[0])
+        self.assertIn("admin: refused POST /reload from 127.0.0.1:51000: wrong bearer token", texts[1])
+        self.assertFalse(any("not-the-token" in text or self.TOKEN in text for text in texts))
+
+    def test_no_token_unchanged(self) -> None:
+        """Without a token, POST /drain needs no header (the behaviour before)."""
+        self.service.admin_token = None
+        self.assertEqual(self.call(b"POST", b"/drain").responseCode, 202)
+
+
+class ThroughProxyTests(SiteTestCase):
+    """Requests whose peer is one of the proxy's own upstream connections are refused on both sites."""
+
+    OWN = ("127.0.0.1", 40123)
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.service.own_upstreams = {self.OWN}
+        self.log = LogCapture(self)
+
+    def call(self, site: Site, method: bytes, path: bytes, client: IPv4Address | IPv6Address) -> DummyRequest:
+        request = DummyRequest(path[1:].split(b"/"))
+        request.method = method
+        request.client = client
+        self.successResultOf(_render(site.getResourceFor(request), request))
+        return request
+
+    def test_refused_403(self) -> None:
+        """GET /metrics, /stats and POST /drain through the proxy: 403, and no drain."""
+        own = IPv4Address("TCP", *self.OWN)
+        admin = build_admin_site(self.service, self.registry)
+        metrics = build_metrics_site(self.service, self.registry)
+        for site, method, path in ((metrics, b"GET", b"/metrics"), (admin, b"GET", b"/stats"),
+                                   (admin, b"POST", b"/drain"), (admin, b"HEAD", b"/nope")):
+            request = self.call(site, method, path, own)
+            body = b"" if method == b"HEAD" else b"request came through this proxy\n"
+            self.assertResponse(request, 403, body)
+        self.assertEqual(self.service.drain_requests, 0)
+        self.assertIn("admin: refused POST /drain from 127.0.0.1:40123: it came through this proxy",
+                      "\n".join(self.log.texts()))
+
+    def test_refused_even_with_the_token(self) -> None:
+        """The token does not let a request through the proxy in."""
+        self.service.admin_token = "t"
+        request = DummyRequest([b"drain"])
+        request.method = b"POST"
+        request.client = IPv4Address("TCP", *self.OWN)
+        request.requestHeaders.addRawHeader(b"authorization", b"Bearer t")
+        admin = build_admin_site(self.service, self.registry)
+        self.successResultOf(_render(admin.getResourceFor(request), request))
+        self.assertEqual((request.responseCode, self.service.drain_requests), (403, 0))
+
+    def test_other_peers_served(self) -> None:
+        """Another port on the same address is an ordinary client."""
+        request = self.call(build_admin_site(self.service, self.registry), b"POST", b"/drain",
+                            IPv4Address("TCP", "127.0.0.1", 40124))
+        self.assertEqual((request.responseCode, self.service.drain_requests), (202, 1))
+
+    def test_routes_without_service(self) -> None:
+        """A Routes table built without a service checks nothing (as before)."""
+        request = DummyRequest([b"x"])
+        request.client = IPv4Address("TCP", *self.OWN)
+        self.successResultOf(_render(Routes({}), request))
+        self.assertEqual(request.responseCode, 404)
+
+
+class BoundedSiteTests(SynchronousTestCase):
+    """The deadline and the connection cap of the HTTP services, on a memory reactor."""
+
+    def setUp(self) -> None:
+        self.service = FakeService()
+        self.clock = MemoryReactorClock()
+        self.service.reactor = self.clock
+        self.log = LogCapture(self)
+
+    def site(self, timeout: float = 10.0, max_connections: int = 3) -> QuietSite:
+        site = build_metrics_site(self.service, make_registry(self.service))
+        assert isinstance(site, QuietSite)
+        site.timeOut, site.max_connections = timeout, max_connections
+        return site
+
+    def connect(self, site: QuietSite, port: int = 50000):  # type: ignore[no-untyped-def]
+        address = IPv4Address("TCP", "127.0.0.1", port)
+        channel = site.buildProtocol(address)
+        if channel is None:
+            return None, None
+        transport = StringTransport(peerAddress=address)
+        channel.makeConnection(transport)
+        return channel, transport
+
+    def test_defaults(self) -> None:
+        """Both sites get the default deadline (10 s) and cap (64)."""
+        registry = make_registry(self.service)
+        for site in (build_metrics_site(self.service, registry), build_admin_site(self.service, registry)):
+            self.assertEqual((site.timeOut, site.max_connections), (HTTP_TIMEOUT, HTTP_MAX_CONNECTIONS))
+        self.assertEqual((HTTP_TIMEOUT, HTTP_MAX_CONNECTIONS), (10.0, 64))
+
+    def test_slow_headers_closed_at_deadline(self) -> None:
+        """A client dripping a header byte every second is closed at the deadline, traffic notwithstanding."""
+        site = self.site(timeout=10.0)
+        channel, transport = self.connect(site)
+        request = b"GET /metrics HTTP/1.1\r\nHost: x\r\n" + b"X-Slow: " + b"a" * 100
+        for i in range(10):
+            self.assertFalse(transport.disconnecting, i)
+            channel.dataReceived(request[i : i + 1])
+            self.clock.advance(1.0)
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(transport.value(), b"")
+
+    def test_idle_between_requests_closed(self) -> None:
+        """After a response, the next request must come within the deadline too."""
+        site = self.site(timeout=10.0)
+        channel, transport = self.connect(site)
+        self.clock.advance(9.0)
+        channel.dataReceived(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 200 OK"))
+        self.clock.advance(9.0)  # a new window began with the response
+        self.assertFalse(transport.disconnecting)
+        self.clock.advance(1.0)
+        self.assertTrue(transport.disconnecting)
+
+    def test_deadline_aborts_a_peer_that_does_not_read(self) -> None:
+        """A connection the deadline closed is aborted if it has not gone after another deadline."""
+        site = self.site(timeout=10.0)
+        _channel, transport = self.connect(site)
+        self.clock.advance(10.0)
+        self.assertTrue(transport.disconnecting)
+        self.clock.advance(10.0)
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_cap(self) -> None:
+        """Past max_connections, buildProtocol answers None (the port closes the socket unread)."""
+        site = self.site(max_connections=3)
+        channels = [self.connect(site, 50000 + i)[0] for i in range(3)]
+        self.assertEqual(self.connect(site, 50010), (None, None))
+        self.assertEqual(self.connect(site, 50011), (None, None))
+        self.assertEqual((site.open_connections, site.refused_connections), (3, 2))
+        channels[0].connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(site.open_connections, 2)
+        self.assertIsNotNone(self.connect(site, 50012)[0])
+
+    def test_cap_logged_once_per_episode(self) -> None:
+        """Reaching the cap is logged once, and again only after the count fell to half."""
+        site = self.site(max_connections=4)
+        channels = [self.connect(site, 50000 + i)[0] for i in range(4)]
+        for i in range(5):
+            self.connect(site, 50100 + i)
+        self.assertEqual(len(self.log.texts()), 1)
+        self.assertIn("metrics http: 4 connections open", self.log.texts()[0])
+        channels.pop().connectionLost(Failure(ConnectionDone()))
+        channels.append(self.connect(site, 50200)[0])
+        self.connect(site, 50201)
+        self.assertEqual(len(self.log.texts()), 1)
+        for channel in channels[:2]:
+            channel.connectionLost(Failure(ConnectionDone()))
+        for i in range(3):
+            self.connect(site, 50300 + i)
+        self.assertEqual(len(self.log.texts()), 2)
+
+    def test_timeouts_log_nothing(self) -> None:
+        """A connection closed by the deadline writes no log line (Fly scrapes every few seconds)."""
+        site = self.site(timeout=1.0)
+        for i in range(3):
+            self.connect(site, 50000 + i)
+        self.clock.advance(5.0)
+        self.assertEqual(self.log.events, [])

@@ -15,7 +15,7 @@ from twisted.web.test._util import _render
 from twisted.web.test.requesthelper import DummyRequest
 
 from egressproxy.config import Address, HealthCheckConfig
-from egressproxy.listener import ListenerRuntime
+from egressproxy.listener import REJECT_REASONS, ListenerRuntime
 from egressproxy.metrics import EgressCollector, MetricsResource, make_registry
 from egressproxy.upstream import UpstreamCluster
 from tests.helpers import cluster_config, listener_config
@@ -67,9 +67,15 @@ class FakeService:
         self.reload_calls = 0
         #: What other workers reported (``workers: N``).
         self.snapshots: list[dict] = []
+        self.admin_token: str | None = None
+        #: (ip, port) pairs standing for the local ends of the proxy's own upstream connections.
+        self.own_upstreams: set[tuple[str, int]] = set()
 
     def worker_snapshots(self) -> list[dict]:
         return self.snapshots
+
+    def is_own_upstream(self, address: Any) -> bool:
+        return (getattr(address, "host", None), getattr(address, "port", None)) in self.own_upstreams
 
     @property
     def ready(self) -> bool:
@@ -159,7 +165,7 @@ class CollectorTests(SynchronousTestCase):
         self.families = scrape(make_registry(self.service))
 
     def test_family_names(self) -> None:
-        """The egressproxy families are the eleven DESIGN.md names plus Postgres login refusals."""
+        """The egressproxy families are the eleven DESIGN.md names plus Postgres login refusals and policy reports."""
         self.assertEqual(
             sorted(name for name in self.families if name.startswith("egressproxy_")),
             [
@@ -169,6 +175,7 @@ class CollectorTests(SynchronousTestCase):
                 "egressproxy_downstream_connections",
                 "egressproxy_downstream_connections_active",
                 "egressproxy_downstream_rejected",
+                "egressproxy_policy_reported",
                 "egressproxy_postgres_login_refused",
                 "egressproxy_upstream_connect_failures",
                 "egressproxy_upstream_connect_seconds",
@@ -190,6 +197,7 @@ class CollectorTests(SynchronousTestCase):
                 "egressproxy_downstream_connections": "counter",
                 "egressproxy_downstream_connections_active": "gauge",
                 "egressproxy_downstream_rejected": "counter",
+                "egressproxy_policy_reported": "counter",
                 "egressproxy_postgres_login_refused": "counter",
                 "egressproxy_upstream_connect_failures": "counter",
                 "egressproxy_upstream_connect_seconds": "histogram",
@@ -238,11 +246,17 @@ class CollectorTests(SynchronousTestCase):
                 labelled("egressproxy_downstream_rejected_total", 1, listener="direct", reason="max_connections"),
                 labelled("egressproxy_downstream_rejected_total", 2, listener="direct", reason="source"),
                 # Known reasons are exported from the start, at zero.
-                labelled("egressproxy_downstream_rejected_total", 0, listener="direct", reason="proxy_protocol"),
-                labelled("egressproxy_downstream_rejected_total", 0, listener="vendor", reason="max_connections"),
-                labelled("egressproxy_downstream_rejected_total", 0, listener="vendor", reason="proxy_protocol"),
-                labelled("egressproxy_downstream_rejected_total", 0, listener="vendor", reason="source"),
+                *(
+                    labelled("egressproxy_downstream_rejected_total", 0, listener=listener, reason=reason)
+                    for listener in ("direct", "vendor")
+                    for reason in REJECT_REASONS
+                    if (listener, reason) not in (("direct", "max_connections"), ("direct", "source"))
+                ),
             ),
+        )
+        self.assertLessEqual(
+            {"source", "max_connections", "max_connections_per_source", "proxy_protocol", "proxy_protocol_untrusted"},
+            set(REJECT_REASONS),
         )
 
     def test_recorded_zero_reason(self) -> None:
@@ -254,6 +268,17 @@ class CollectorTests(SynchronousTestCase):
                 ("egressproxy_downstream_rejected_total", (("listener", "vendor"), ("reason", "source")))
             ],
             0,
+        )
+
+    def test_policy_reported(self) -> None:
+        """Connections policy: report let through are counted per listener and reason, once recorded."""
+        self.assertEqual(samples(self.families["egressproxy_policy_reported"]), {})
+        self.service.listeners["direct"].count_reported("destination")
+        self.service.listeners["direct"].count_reported("destination")
+        families = scrape(make_registry(self.service))
+        self.assertEqual(
+            samples(families["egressproxy_policy_reported"]),
+            expect(labelled("egressproxy_policy_reported_total", 2, listener="direct", reason="destination")),
         )
 
     def test_bytes_received(self) -> None:

@@ -602,6 +602,20 @@ class AdmissionAndProtocolTests(Case):
         self.assertEqual(parse_error(ct.value())["C"], "53300")
         self.end(h, (client, ct), (first, ft))
 
+    def test_per_source_overload_plaintext(self) -> None:
+        """A source over max_connections_per_source is told so, with the key to raise; another source gets in."""
+        h = self.h(harness(max_connections=10, max_connections_per_source=1))
+        first, ft = h.connect_client()
+        client, ct = h.connect_client(IPv4Address("TCP", "127.0.0.1", 50001))
+        client.dataReceived(STARTUP)
+        fields = parse_error(ct.value())
+        self.assertEqual((fields["C"], fields["M"]), ("53300", "egressproxy: too many connections from 127.0.0.1 to this listener"))
+        self.assertIn("max_connections_per_source", fields["H"])
+        other, ot = h.connect_client(IPv4Address("TCP", "127.0.0.9", 50002))
+        other.dataReceived(STARTUP)
+        self.assertEqual(len(h.reactor.tcpClients), 1)
+        self.end(h, (client, ct), (first, ft), (other, ot))
+
     def test_handshake_timeout(self) -> None:
         """A client that sends nothing is closed after the handshake timeout, flag DPE."""
         h = self.h(routed())

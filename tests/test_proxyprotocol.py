@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.error import ConnectionDone, ConnectionLost
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -515,3 +516,65 @@ class SessionTests(SynchronousTestCase):
         [record] = h.records()
         self.assertIn(record.flags, [(), ("DPE",)])
         self.assertEqual(h.reactor.getDelayedCalls(), [])
+
+
+class TrustedSenderTests(SynchronousTestCase):
+    """``proxy_protocol_trusted``: only listed peers may send a header; the rest are closed unread."""
+
+    FLY = (ipaddress.ip_network("fdaa::/16"),)
+
+    def test_untrusted_peer_closed_before_reading(self) -> None:
+        """A peer outside the list is closed at once, unread and undialled: DPE, reason proxy_protocol_untrusted."""
+        h = pp_harness(proxy_protocol_trusted=self.FLY)
+        client, ct = h.connect_client(IPv4Address("TCP", "198.51.100.20", 40000))
+        self.assertTrue(ct.disconnecting)
+        self.assertEqual(ct.producerState, "paused")
+        self.assertEqual(h.listener.awaiting, set())
+        self.assertEqual(h.reactor.getDelayedCalls(), [])
+        # Whatever it manages to send is never parsed: its claimed source is not taken.
+        client.dataReceived(v1("203.0.113.7"))
+        self.assertEqual(h.reactor.tcpClients, [])
+        end(client)
+        [record] = h.records()
+        self.assertEqual((record.downstream, record.flags), ("198.51.100.20:40000", ("DPE",)))
+        self.assertEqual(rejected(h), {"proxy_protocol_untrusted": 1})
+        self.assertEqual((h.listener.connections_total, h.listener.active), (1, 0))
+
+    def test_untrusted_refusal_logged(self) -> None:
+        """The refusal is logged with the listener and the real peer."""
+        h = pp_harness(proxy_protocol_trusted=self.FLY)
+        events: list[dict] = []
+        h.listener.log = Logger(observer=events.append)  # type: ignore[misc]
+        h.connect_client(IPv4Address("TCP", "198.51.100.20", 40000))
+        [event] = events
+        self.assertIn("not a trusted PROXY protocol sender", event["log_format"])
+        self.assertEqual((event["listener"], event["peer"]), ("direct", "198.51.100.20:40000"))
+
+    def test_trusted_peer_header_used(self) -> None:
+        """A listed peer's header is read as before: the header's source is the client, and allow_sources checks it."""
+        h = pp_harness(proxy_protocol_trusted=self.FLY, allow_sources=(ipaddress.ip_network("203.0.113.0/24"),))
+        client, ct = h.connect_client(BALANCER)
+        self.assertFalse(ct.disconnecting)
+        client.dataReceived(v1("203.0.113.7", sport=40001))
+        self.assertEqual(len(h.reactor.tcpClients), 1)
+        self.assertEqual(client.session.peer_address, IPv4Address("TCP", "203.0.113.7", 40001))
+
+    def test_trusted_peer_ipv4_mapped(self) -> None:
+        """An IPv4 sender on a dual-stack socket is matched against IPv4 CIDRs."""
+        h = pp_harness(proxy_protocol_trusted=(ipaddress.ip_network("172.16.0.0/12"),))
+        client, ct = h.connect_client(IPv6Address("TCP", "::ffff:172.19.0.1", 40000))
+        self.assertFalse(ct.disconnecting)
+        client.dataReceived(v1())
+        self.assertEqual(len(h.reactor.tcpClients), 1)
+
+    def test_without_key_any_peer_may_send(self) -> None:
+        """Without proxy_protocol_trusted every peer's header is read, as before."""
+        h = pp_harness()
+        client, ct = h.connect_client(IPv4Address("TCP", "198.51.100.20", 40000))
+        client.dataReceived(v1())
+        self.assertFalse(ct.disconnecting)
+        self.assertEqual(len(h.reactor.tcpClients), 1)
+
+    def test_untrusted_reason_known_at_zero(self) -> None:
+        """proxy_protocol_untrusted is a known reason, exported at zero before the first refusal."""
+        self.assertEqual(pp_harness().listener.rejected["proxy_protocol_untrusted"], 0)

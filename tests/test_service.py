@@ -9,9 +9,11 @@ import os
 import socket
 
 from twisted.application.service import IServiceMaker
+from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import MemoryReactorClock, _FakePort
 from twisted.plugin import getPlugins
 from twisted.python import usage
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from egressproxy import tap
@@ -282,3 +284,70 @@ class PluginTests(SynchronousTestCase):
         """The plugin's options and makeService are those of egressproxy.tap."""
         (maker,) = [p for p in getPlugins(IServiceMaker) if p.tapname == "egressproxy"]
         self.assertEqual((maker.options, maker.makeService), (tap.Options, tap.makeService))
+
+
+class AdminTokenTests(SynchronousTestCase):
+    """EGRESSPROXY_ADMIN_TOKEN is read at start-up and on each successful reload."""
+
+    def service(self, environ: dict[str, str], reload_config=None) -> EgressService:  # type: ignore[no-untyped-def]
+        config = without_probes(attrs.evolve(parse_config(TWO_LISTENERS, "t.yaml", {}), admin=None, metrics=None))
+        return EgressService(
+            config, MemoryReactorClock(), access_stream=io.StringIO(),
+            reload_config=reload_config or (lambda: config), environ=environ,
+        )
+
+    def test_read_at_start(self) -> None:
+        """The token comes from the environment given (os.environ by default); unset means none."""
+        self.assertEqual(self.service({"EGRESSPROXY_ADMIN_TOKEN": "abc"}).admin_token, "abc")
+        self.assertIsNone(self.service({}).admin_token)
+        self.assertIs(make_service().environ, os.environ)
+
+    def test_read_again_on_reload(self) -> None:
+        """A successful reload picks up a new, changed or removed token."""
+        environ = {"EGRESSPROXY_ADMIN_TOKEN": "one"}
+        service = self.service(environ)
+        environ["EGRESSPROXY_ADMIN_TOKEN"] = "two"
+        self.assertEqual(service.admin_token, "one")
+        self.assertTrue(service.reload()[0])
+        self.assertEqual(service.admin_token, "two")
+        del environ["EGRESSPROXY_ADMIN_TOKEN"]
+        self.assertTrue(service.reload()[0])
+        self.assertIsNone(service.admin_token)
+
+    def test_failed_reload_keeps_token(self) -> None:
+        """A refused reload changes nothing, the token included."""
+        def broken() -> Config:
+            return parse_config(BAD_CLUSTER, "t.yaml", {})
+
+        environ = {"EGRESSPROXY_ADMIN_TOKEN": "one"}
+        service = self.service(environ, broken)
+        environ["EGRESSPROXY_ADMIN_TOKEN"] = "two"
+        self.assertFalse(service.reload()[0])
+        self.assertEqual(service.admin_token, "one")
+
+
+class OwnUpstreamTests(SynchronousTestCase):
+    """is_own_upstream: the local ends of live upstream connections, across listeners."""
+
+    def test_local_end_of_live_upstream(self) -> None:
+        from twisted.internet.address import IPv4Address, IPv6Address
+        from twisted.internet.testing import StringTransport
+
+        from tests.helpers import HalfCloseTransport
+
+        service = make_service()
+        runtime = service.listeners["local"]
+        factory = ListenerFactory(runtime)
+        client = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 50000))
+        client.makeConnection(HalfCloseTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 50000)))
+        own = IPv4Address("TCP", "127.0.0.1", 41000)
+        self.assertFalse(service.is_own_upstream(own))  # dialling: no local end yet
+        host, port, upstream_factory, _t, _b = service.reactor.tcpClients[-1]  # type: ignore[attr-defined]
+        wrapper = upstream_factory.buildProtocol(IPv4Address("TCP", host, port))
+        wrapper.makeConnection(StringTransport(hostAddress=own))
+        self.assertTrue(service.is_own_upstream(own))
+        self.assertTrue(service.is_own_upstream(IPv6Address("TCP", "::ffff:127.0.0.1", 41000)))
+        self.assertFalse(service.is_own_upstream(IPv4Address("TCP", "127.0.0.1", 41001)))
+        self.assertFalse(service.is_own_upstream(IPv4Address("TCP", "127.0.0.2", 41000)))
+        wrapper._wrappedProtocol.connectionLost(Failure(ConnectionDone()))
+        self.assertFalse(service.is_own_upstream(own))

@@ -84,6 +84,16 @@ class ShareLimitsTests(SynchronousTestCase):
         shared = share_limits(limits_config(), 3)
         self.assertEqual([(l.name, l.max_connections) for l in shared.listeners], [("direct", 3), ("tiny", 1)])
 
+    def test_per_source_limits_divided(self) -> None:
+        """Three workers get a third of each listener's max_connections_per_source (default half), at least 1."""
+        shared = share_limits(limits_config(), 3)
+        self.assertEqual(
+            [(l.name, l.max_connections_per_source) for l in shared.listeners], [("direct", 1), ("tiny", 1)]
+        )
+        text = LIMITS.replace("max_connections: 10\n", "max_connections: 10\n    max_connections_per_source: 9\n", 1)
+        shared = share_limits(parse_config(text, "t.yaml", {}), 3)
+        self.assertEqual(shared.listeners[0].max_connections_per_source, 3)
+
     def test_cluster_limits_divided(self) -> None:
         """Three workers get a third of each cluster's max_connections and max_pending, at least 1."""
         shared = share_limits(limits_config(), 3)
@@ -97,7 +107,10 @@ class ShareLimitsTests(SynchronousTestCase):
         config = limits_config()
         shared = share_limits(config, 3)
         self.assertEqual(
-            [attrs.evolve(l, max_connections=o.max_connections) for l, o in zip(shared.listeners, config.listeners)],
+            [
+                attrs.evolve(l, max_connections=o.max_connections, max_connections_per_source=o.max_connections_per_source)
+                for l, o in zip(shared.listeners, config.listeners)
+            ],
             list(config.listeners),
         )
         self.assertEqual(
@@ -206,7 +219,10 @@ class TakeTests(SynchronousTestCase):
         rejected.update({"source": 2, "max_connections": 1})
         self.assertEqual(
             self.taken["listeners"]["direct"],
-            {"connections": 12, "active": 1, "rejected": rejected, "received": 1284, "sent": 2892, "login_refused": {}},
+            {
+                "connections": 12, "active": 1, "rejected": rejected, "received": 1284, "sent": 2892,
+                "login_refused": {}, "reported": {},
+            },
         )
 
     def test_quiet_listener(self) -> None:
@@ -215,7 +231,7 @@ class TakeTests(SynchronousTestCase):
             self.taken["listeners"]["vendor"],
             {
                 "connections": 0, "active": 0, "rejected": dict.fromkeys(REJECT_REASONS, 0), "received": 0, "sent": 0,
-                "login_refused": {},
+                "login_refused": {}, "reported": {},
             },
         )
 
@@ -800,6 +816,7 @@ class StubListener:
     active = 0
     rejected: dict[str, int] = {"source": 0, "max_connections": 0}
     login_refused: dict[str, int] = {"28P01": 2}
+    reported: dict[str, int] = {"destination": 3}
     bytes_received = 123456789
     bytes_sent = 987654321
 

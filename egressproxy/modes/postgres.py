@@ -100,6 +100,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from egressproxy import pgwire, tlshello
+from egressproxy.addrguard import FLAG as ADDRESS_FLAG
 from egressproxy.addresses import format_peer, peer_ip
 from egressproxy.config import Address, ClientTLS, PostgresRoute
 from egressproxy.modes.base import Front
@@ -391,6 +392,12 @@ class PostgresFront(Front):
                 f"connections from {peer_ip(self.session.peer_address)} are not allowed on this listener",
                 tlshello.ACCESS_DENIED,
             )
+        elif reason == "too many connections from this source address":
+            problem = Problem(
+                flag, pgwire.SQLSTATE_TOO_MANY_CONNECTIONS,
+                f"too many connections from {peer_ip(self.session.peer_address)} to this listener",
+                tlshello.INTERNAL_ERROR, hint="close idle connections, or raise the listener's max_connections_per_source",
+            )
         else:
             problem = Problem(
                 flag, pgwire.SQLSTATE_TOO_MANY_CONNECTIONS, "too many connections to this listener",
@@ -413,6 +420,14 @@ class PostgresFront(Front):
     def upstream_failed(self, flag: str, reason: str) -> None:
         """The dial failed (``UF``, ``UT``, ``UO``): answer the client in its terms."""
         target = self.session.upstream_name if self.session.upstream_name != "-" else self._target_name
+        if flag == ADDRESS_FLAG:
+            # Counted as rejected by the session; never names the address.
+            self._fail(Problem(
+                flag, pgwire.SQLSTATE_CANNOT_CONNECT, f"{target} {self.session.refused_address}: not allowed",
+                tlshello.ACCESS_DENIED,
+                hint="the proxy dials only public addresses for {sni} routes; list exceptions in allow_addresses",
+            ))
+            return
         if flag == "UO":
             problem = Problem(
                 "UO", pgwire.SQLSTATE_TOO_MANY_CONNECTIONS,
@@ -668,7 +683,8 @@ class PostgresFront(Front):
             self._fail(Problem("NR", pgwire.SQLSTATE_CANNOT_CONNECT, str(e), tlshello.INTERNAL_ERROR, reason="no_route"))
             return
         self._target_name = str(address)
-        self._dial(self.listener.cluster, [address])
+        # The name came from the client: its addresses are checked (addrguard).
+        self._dial(self.listener.cluster, [address], checked=True)
 
     def _on_startup(self, packet: InitialPacket) -> None:
         if self._problem is not None:
@@ -757,9 +773,9 @@ class PostgresFront(Front):
 
     # -- dialling and the upstream's answers -----------------------------------------
 
-    def _dial(self, cluster: UpstreamCluster, endpoints: list[Address] | None = None) -> None:
+    def _dial(self, cluster: UpstreamCluster, endpoints: list[Address] | None = None, checked: bool = False) -> None:
         self._disarm()
-        self.session.connect_upstream(cluster, endpoints)
+        self.session.connect_upstream(cluster, endpoints, checked)
 
     def _upstream_data(self, data: bytes) -> None:
         """The upstream leg's ``forward`` until the splice."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import protocol, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, readBody
 
@@ -86,3 +87,80 @@ shutdown_delay: 1s
         drained = proxy.service.drain()
         self.assertEqual(await self.scrape(proxy, "/ready"), (503, "draining\n"))
         await drained
+
+
+class Idle(protocol.Protocol):
+    """A client that connects and sends nothing (or drips bytes); records what it gets and its end."""
+
+    def __init__(self) -> None:
+        self.received = b""
+        self.closed = False
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+    def connectionLost(self, reason: object) -> None:
+        self.closed = True
+
+
+class BoundedHttpTests(TestCase):
+    """The metrics service's connection cap and request deadline, on real loopback sockets."""
+
+    def proxy(self) -> InProcessProxy:
+        return InProcessProxy(self, """
+listeners:
+  - {name: direct, listen: "127.0.0.1:0", cluster: up}
+clusters:
+  - {name: up, endpoints: ["127.0.0.1:9"]}
+""")
+
+    async def scrape(self, port: int) -> tuple[int, str]:
+        response = await Agent(reactor).request(b"GET", f"http://127.0.0.1:{port}/metrics".encode())
+        return response.code, (await readBody(response)).decode()
+
+    @inline
+    async def test_idle_connections_capped_then_timed_out(self) -> None:
+        """Of 200 idle connections, the cap (64) stay open; the deadline closes them; then /metrics answers."""
+        proxy = self.proxy()
+        port = proxy.service.http_ports["metrics"]
+        site = port.factory  # type: ignore[attr-defined]
+        # The parameters under test, shortened: the deadline must not fire while
+        # the 200 connect, and the test should not wait 10 s.
+        site.timeOut = 3.0
+        cap = site.max_connections
+        self.assertEqual(cap, 64)
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port)
+        clients = [await connectProtocol(endpoint, Idle()) for _ in range(200)]
+        self.addCleanup(lambda: [c.transport.abortConnection() for c in clients if not c.closed])
+        await wait_until(lambda: sum(c.closed for c in clients) >= 200 - cap)
+        open_now = [c for c in clients if not c.closed]
+        self.assertEqual((len(open_now), site.open_connections, site.refused_connections), (cap, cap, 200 - cap))
+        self.assertEqual([c.received for c in clients], [b""] * 200)  # nothing was read or answered
+        # While the cap is reached, a new connection is closed unanswered too.
+        extra = await connectProtocol(endpoint, Idle())
+        await wait_until(lambda: extra.closed)
+        self.assertEqual((extra.received, site.refused_connections), (b"", 200 - cap + 1))
+        # The deadline closes the idle ones; then a fresh scrape works.
+        await wait_until(lambda: all(c.closed for c in clients), timeout=20)
+        await wait_until(lambda: site.open_connections == 0)
+        code, text = await self.scrape(port.getHost().port)
+        self.assertEqual(code, 200)
+        self.assertIn("egressproxy_downstream_connections_total", text)
+
+    @inline
+    async def test_dripping_client_closed_at_deadline(self) -> None:
+        """A client sending a header byte every 0.2 s never completes a request and is closed anyway."""
+        proxy = self.proxy()
+        port = proxy.service.http_ports["metrics"]
+        port.factory.timeOut = 1.0  # type: ignore[attr-defined]
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port)
+        client = await connectProtocol(endpoint, Idle())
+        request = b"GET /metrics HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 1000
+        sent = 0
+        while not client.closed and sent < len(request):
+            client.transport.write(request[sent : sent + 1])
+            sent += 1
+            await deferLater(reactor, 0.2, lambda: None)
+        self.assertTrue(client.closed)
+        self.assertEqual(client.received, b"")
+        self.assertLess(sent, len(request))

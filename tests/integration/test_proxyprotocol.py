@@ -16,7 +16,7 @@ from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 
-from tests.integration.proxy import InProcessProxy, inline
+from tests.integration.proxy import InProcessProxy, inline, wait_until
 
 SIGNATURE = b"\x0d\x0a\x0d\x0a\x00\x0d\x0a\x51\x55\x49\x54\x0a"
 
@@ -184,3 +184,44 @@ clusters:
         [line] = await proxy.wait_for_lines(1)
         self.assertRegex(line, r"\] PP 127\.0\.0\.1:\d+ - 16 0 \d+ \"DPE\"$")
         self.assertEqual(self.upstream.connections, [])
+
+    @inline
+    async def test_untrusted_sender_refused_unread(self) -> None:
+        """A peer outside proxy_protocol_trusted is closed (DPE) under its real address; its header is never read."""
+        proxy = self.proxy('proxy_protocol_trusted: ["fdaa::/16", "10.0.0.0/8"]')
+        client = await self.exchange(proxy, v1("203.0.113.7", 40127, proxy.port("behind_fly")) + b"hello")
+        self.assertEqual(client.received, b"")
+        [line] = await proxy.wait_for_lines(1)
+        self.assertRegex(line, r"\] PP 127\.0\.0\.1:\d+ - \d+ 0 \d+ \"DPE\"$")
+        self.assertEqual(self.upstream.connections, [])
+        runtime = proxy.service.listeners["behind_fly"]
+        self.assertEqual((runtime.rejected["proxy_protocol_untrusted"], runtime.connections_total), (1, 1))
+
+    @inline
+    async def test_trusted_sender_header_used(self) -> None:
+        """A peer inside proxy_protocol_trusted has its header read: the upstream sees the data, the log the header's client."""
+        proxy = self.proxy('proxy_protocol_trusted: ["127.0.0.0/8"]')
+        client = await self.exchange(proxy, v1("203.0.113.7", 40128, proxy.port("behind_fly")) + b"hello")
+        self.assertEqual(client.received, b"upstream got: hello")
+        [line] = await proxy.wait_for_lines(1)
+        self.assertRegex(line, r"\] PP 203\.0\.113\.7:40128 ")
+
+    @inline
+    async def test_per_source_cap_by_header_source(self) -> None:
+        """max_connections_per_source counts the header's source: a second connection naming it is refused (OM)."""
+        proxy = self.proxy("max_connections_per_source: 1")
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", proxy.port("behind_fly"))
+        first = await connectProtocol(endpoint, Client())
+        self.addCleanup(lambda: first.transport.abortConnection() if first.transport.connected else None)
+        first.transport.write(v1("203.0.113.7", 40129, proxy.port("behind_fly")))
+        await wait_until(lambda: len(self.upstream.connections) == 1)
+        second = await self.exchange(proxy, v1("203.0.113.7", 40130, proxy.port("behind_fly")) + b"hello")
+        other = await self.exchange(proxy, v1("203.0.113.8", 40131, proxy.port("behind_fly")) + b"hello")
+        self.assertEqual((second.received, other.received), (b"", b"upstream got: hello"))
+        lines = await proxy.wait_for_lines(2)
+        self.assertRegex(lines[0], r"\] PP 203\.0\.113\.7:40130 - \d+ 0 \d+ \"OM\"$")
+        runtime = proxy.service.listeners["behind_fly"]
+        self.assertEqual(runtime.rejected["max_connections_per_source"], 1)
+        first.transport.loseWriteConnection()
+        await first.closed
+        await wait_until(lambda: runtime.per_source == {})
