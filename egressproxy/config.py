@@ -965,6 +965,9 @@ class Config:
     #: Worker processes sharing the listeners (``auto`` is resolved to the
     #: CPUs this process may run on when the file is read).
     workers: int = attrs.field(default=1, validator=_check_positive_int)
+    #: Use the data path's shortcuts around Twisted's per-event code (when
+    #: the installed Twisted has the parts they rely on); false: Twisted's own path.
+    fast_path: bool = attrs.field(default=True, validator=attrs.validators.instance_of(bool))
 
     def __attrs_post_init__(self) -> None:
         for kind, items in (("listener", self.listeners), ("cluster", self.clusters)):

@@ -138,6 +138,7 @@ _TOP_KEYS = (
     "drain_timeout",
     "shutdown_delay",
     "workers",
+    "fast_path",
 )
 _LISTENER_KEYS = (
     "name",
@@ -530,6 +531,7 @@ class _Builder:
         drain_timeout = settings("drain_timeout", self.duration, 25.0)
         shutdown_delay = settings("shutdown_delay", self.duration, 0.0)
         workers = settings("workers", self._workers, 1)
+        fast_path = settings("fast_path", self.boolean, True)
         self._check_names("listener", self.listener_names)
         self._check_names("cluster", self.cluster_names)
         self._check_cluster_refs()
@@ -548,7 +550,7 @@ class _Builder:
             root, (), Config, source=self.source, listeners=listeners,
             clusters=clusters, hosts=hosts, access_log=access_log, admin=admin,
             metrics=metrics, drain_timeout=drain_timeout,
-            shutdown_delay=shutdown_delay, workers=workers,
+            shutdown_delay=shutdown_delay, workers=workers, fast_path=fast_path,
         )
 
     def _optional(
