@@ -947,7 +947,7 @@ class ErrorTests(SynchronousTestCase):
             (
                 "egress.yaml:8: unknown key 'zzz' (expected one of: listeners, "
                 "clusters, hosts, access_log, admin, metrics, drain_timeout, "
-                "shutdown_delay, workers)",
+                "shutdown_delay, workers, fast_path)",
             ),
         )
 
