@@ -1460,7 +1460,7 @@ class ErrorTests(SynchronousTestCase):
             (
                 "egress.yaml:1: expected a mapping with keys listeners, clusters, "
                 "hosts, access_log, admin, metrics, drain_timeout, shutdown_delay, "
-                "workers, got a list",
+                "workers, fast_path, got a list",
             ),
         )
 
