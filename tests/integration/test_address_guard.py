@@ -380,20 +380,12 @@ class AddressGuardTests(TestCase):
             status, body = parse_response(head)
             if status != 200:
                 # The refusal: read its body to the end.
-                for _ in range(100):
-                    chunk = sock.recv(4096)
-                    if not chunk:
-                        break
-                    head += chunk
+                head += read_to_eof(sock)
                 return status, parse_response(head)[1], b""
             tunnelled = b""
             if then:
                 sock.sendall(then)
-                for _ in range(100):
-                    chunk = sock.recv(4096)
-                    if not chunk:
-                        break
-                    tunnelled += chunk
+                tunnelled = read_to_eof(sock)
             return status, body, tunnelled
         finally:
             sock.close()
@@ -424,11 +416,7 @@ class AddressGuardTests(TestCase):
             tunnelled = b""
             if then:
                 sock.sendall(then)
-                for _ in range(100):
-                    chunk = sock.recv(4096)
-                    if not chunk:
-                        break
-                    tunnelled += chunk
+                tunnelled = read_to_eof(sock)
             return code, tunnelled
         finally:
             sock.close()
@@ -767,6 +755,17 @@ class ZoneTests(TestCase):
         self.assertEqual(ask("partner.example", "A").rcode(), dns.rcode.NXDOMAIN)
         self.assertEqual(ask("example.com", "A").rcode(), dns.rcode.NXDOMAIN)
         self.assertEqual(answer(zone, b"garbage")[0], None)
+
+
+def read_to_eof(sock: socket.socket, chunks: int = 100) -> bytes:
+    """What ``sock`` sends until it closes (at most ``chunks`` reads, each bounded by the socket's timeout)."""
+    data = b""
+    for _ in range(chunks):
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    return data
 
 
 def require_dnspython() -> None:
