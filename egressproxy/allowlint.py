@@ -61,14 +61,11 @@ from ipaddress import (
     ip_address,
     ip_network,
 )
-from typing import TYPE_CHECKING
 
 import attrs
 
 from egressproxy.internal import INTERNAL_RANGES, InternalRange
-
-if TYPE_CHECKING:  # config.py imports Twisted; this module does not need it at run time
-    from egressproxy.config import DestinationRule
+from egressproxy.modes.forward.rules import DestinationRule
 
 __all__ = [
     "Entry",

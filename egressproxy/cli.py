@@ -4,7 +4,7 @@ This module owns the command line (argument parsing, exit codes, what goes to
 stdout and what to stderr) and nothing else: each subcommand is a thin adapter
 over a library call. It does not run the proxy (``twistd egressproxy`` does,
 through the plugin and ``tap.py``) and it holds no configuration rules of its
-own (``config.py`` does).
+own (the ``config`` package does).
 
 Subcommands so far: ``check-config FILE``. Later ones (``doctor``, ``urls``)
 register the same way: a ``_add_<name>`` function that adds a subparser and sets

@@ -17,7 +17,8 @@ from egressproxy.accesslog import AccessRecord
 from egressproxy.addrguard import AddressPolicy
 from egressproxy.addresses import IPAddress, peer_ip, source_allowed
 from egressproxy.config import ListenerConfig
-from egressproxy.modes import front_class
+from egressproxy.fastpath import ORDINARY, FastPath
+from egressproxy.modes import registry
 from egressproxy.splice import DownstreamLeg
 from egressproxy.upstream import UpstreamCluster
 
@@ -53,8 +54,8 @@ class ListenerRuntime:
         #: listeners): +1 at admission, -1 when the session ends; no zeros kept.
         self.per_source: dict[IPAddress, int] = {}
         self.connections_total = 0
-        # Known reasons start at zero, so their series exist before the first event.
-        self.rejected: dict[str, int] = dict.fromkeys(REJECT_REASONS, 0)
+        # Known reasons (and the mode's) start at zero, so their series exist before the first event.
+        self.rejected: dict[str, int] = dict.fromkeys(REJECT_REASONS + registry.spec(config.mode).reject_reasons, 0)
         self.last_refusal = ""
         #: Postgres logins the server refused, by SQLSTATE (28P01, 28000, ...).
         self.login_refused: dict[str, int] = {}
@@ -66,12 +67,23 @@ class ListenerRuntime:
         #: The service's configured clusters by name (a front routing to a
         #: named cluster, e.g. a Postgres route's ``cluster:``); set by the service.
         self.named_cluster: Callable[[str], UpstreamCluster | None] = lambda name: None
-        #: The mode's own per-listener state (e.g. Postgres cancel keys), made by its front.
+        #: The mode's own per-listener state (e.g. Postgres cancel keys), made by
+        #: its spec on first use (:meth:`state`) and kept across reloads.
         self.mode_state: object | None = None
+        #: The data path's shortcuts its splices use (see fastpath.py); set by the service.
+        self.fast_path: FastPath = ORDINARY
 
     def make_front(self, session: Session) -> Front:
         """The front for a new session, by this listener's current mode."""
-        return front_class(self.config.mode)(session)
+        return registry.spec(self.config.mode).front(session)
+
+    def state(self) -> object | None:
+        """The mode's per-listener state (None if it keeps none), made by its spec on first use."""
+        if self.mode_state is None:
+            factory = registry.spec(self.config.mode).state
+            if factory is not None:
+                self.mode_state = factory()
+        return self.mode_state
 
     def admit(self, session: Session) -> str | None:
         """Count a new connection; the refusal flag if it may not proceed, else None.

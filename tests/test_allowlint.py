@@ -21,7 +21,7 @@ from egressproxy.allowlint import (
     lint_allowlist,
     own_socket_hits,
 )
-from egressproxy.config import _parse_destination
+from egressproxy.modes.forward.parse import parse_destination as _parse_destination
 from egressproxy.internal import (
     INTERNAL_NETWORKS,
     INTERNAL_RANGES,

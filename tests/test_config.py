@@ -17,27 +17,26 @@ import attrs
 import yaml
 from twisted.trial.unittest import SynchronousTestCase
 
-from egressproxy.configload import _Loader
+from egressproxy.config.yamlnodes import Loader as _Loader
 from egressproxy.config import (
     AccessLogConfig,
     Address,
-    ClientTLS,
     ClusterConfig,
     ClusterTLS,
     Config,
     ConfigError,
-    DestinationRule,
     HealthCheckConfig,
     HttpServiceConfig,
     Keepalive,
     ListenAddress,
     ListenerConfig,
-    PostgresRoute,
-    User,
     load_config,
     parse_config,
     parse_duration,
 )
+from egressproxy.modes.forward.options import ForwardOptions
+from egressproxy.modes.forward.rules import DestinationRule, User
+from egressproxy.modes.postgres.options import ClientTLS, PostgresOptions, PostgresRoute
 
 EXAMPLE = """\
 listeners:
@@ -1706,11 +1705,13 @@ class ModeTests(SynchronousTestCase, TLSFiles):
                 listen=ListenAddress("127.0.0.1:0", "127.0.0.1", 0, False),
                 mode="postgres",
                 cluster=None,
-                tls="passthrough",
-                require_tls=False,
-                routes=(
-                    PostgresRoute(sni="*.pg.example.cloud", upstream="{sni}:5432"),
-                    PostgresRoute(sni="db.example.com", cluster="db"),
+                options=PostgresOptions(
+                    tls="passthrough",
+                    require_tls=False,
+                    routes=(
+                        PostgresRoute(sni="*.pg.example.cloud", upstream="{sni}:5432"),
+                        PostgresRoute(sni="db.example.com", cluster="db"),
+                    ),
                 ),
             ),
         )
@@ -1721,7 +1722,7 @@ class ModeTests(SynchronousTestCase, TLSFiles):
             with_mode("postgres", routes='[{sni: a.example.com, upstream: "[2001:db8::1]:6432"}]')
         )
         self.assertEqual(
-            config.listeners[0].routes,
+            config.listeners[0].options.routes,
             (PostgresRoute(sni="a.example.com", upstream="[2001:db8::1]:6432"),),
         )
 
@@ -1731,7 +1732,7 @@ class ModeTests(SynchronousTestCase, TLSFiles):
             with_mode("postgres", cluster="db", tls="passthrough", require_tls="true")
         ).listeners[0]
         self.assertEqual(
-            (listener.mode, listener.cluster, listener.tls, listener.require_tls, listener.routes),
+            (listener.mode, listener.cluster, listener.options.tls, listener.options.require_tls, listener.options.routes),
             ("postgres", "db", "passthrough", True, ()),
         )
 
@@ -1750,7 +1751,7 @@ class ModeTests(SynchronousTestCase, TLSFiles):
         )
         listener = config.listeners[0]
         self.assertEqual(
-            (listener.tls, listener.require_tls, listener.client_tls),
+            (listener.options.tls, listener.options.require_tls, listener.options.client_tls),
             ("originate", True, ClientTLS(cert=cert, key=key)),
         )
         self.assertEqual(
@@ -1761,7 +1762,7 @@ class ModeTests(SynchronousTestCase, TLSFiles):
     def test_postgres_originate_without_client_tls(self) -> None:
         """An originate listener needs no client_tls when it does not require TLS."""
         listener = parse(with_mode("postgres", cluster="db", tls="originate")).listeners[0]
-        self.assertEqual((listener.tls, listener.client_tls), ("originate", None))
+        self.assertEqual((listener.options.tls, listener.options.client_tls), ("originate", None))
 
     def test_cluster_tls_defaults(self) -> None:
         """Cluster tls of true, {} or null-valued keys verifies with the defaults."""
@@ -1792,11 +1793,13 @@ class ModeTests(SynchronousTestCase, TLSFiles):
                 listen=ListenAddress("127.0.0.1:0", "127.0.0.1", 0, False),
                 mode="http_connect",
                 cluster=None,
-                allow_destinations=(
-                    DestinationRule(host="api.vendor.com", port=443),
-                    DestinationRule(host="*.bank.example", port=443),
+                options=ForwardOptions(
+                    allow_destinations=(
+                        DestinationRule(host="api.vendor.com", port=443),
+                        DestinationRule(host="*.bank.example", port=443),
+                    ),
+                    users=(User("app", "s3cret$"), User("release", "fallback")),
                 ),
-                users=(User("app", "s3cret$"), User("release", "fallback")),
             ),
         )
 
@@ -1806,7 +1809,7 @@ class ModeTests(SynchronousTestCase, TLSFiles):
             with_mode("socks5", allow_destinations='["db.example.com:5432"]')
         ).listeners[0]
         self.assertEqual(
-            (listener.mode, listener.cluster, listener.users, listener.allow_destinations),
+            (listener.mode, listener.cluster, listener.options.users, listener.options.allow_destinations),
             ("socks5", None, (), (DestinationRule(host="db.example.com", port=5432),)),
         )
 
@@ -1830,7 +1833,7 @@ class ModeTests(SynchronousTestCase, TLSFiles):
             )
         ).listeners[0]
         self.assertEqual(
-            listener.allow_destinations,
+            listener.options.allow_destinations,
             (
                 DestinationRule(host="api.vendor.com", port=443),
                 DestinationRule(host="*.bank.example", port=None),
@@ -1853,7 +1856,7 @@ class ModeTests(SynchronousTestCase, TLSFiles):
             )
         )
         self.assertNotIn("hunter2", repr(config))
-        self.assertEqual(config.listeners[0].users[0].password, "hunter2")
+        self.assertEqual(config.listeners[0].options.users[0].password, "hunter2")
 
     def test_user_allow_destinations(self) -> None:
         """A user may carry its own allow_destinations; a user without one has None (the listener's)."""
@@ -1868,13 +1871,13 @@ class ModeTests(SynchronousTestCase, TLSFiles):
                 accept_risk='["10.0.0.0/8:*"]',
             )
         )
-        app, ops = config.listeners[0].users
+        app, ops = config.listeners[0].options.users
         self.assertEqual(
             app.allow_destinations,
             (DestinationRule(host="b.example.com", port=443), DestinationRule(network=IPv4Network("10.0.0.0/8"))),
         )
         self.assertIsNone(ops.allow_destinations)
-        self.assertEqual(config.listeners[0].allow_destinations, (DestinationRule(host="a.example.com", port=443),))
+        self.assertEqual(config.listeners[0].options.allow_destinations, (DestinationRule(host="a.example.com", port=443),))
 
 
 class ModeErrorTests(SynchronousTestCase, TLSFiles):
@@ -2620,7 +2623,7 @@ class ObjectTests(SynchronousTestCase):
         listen = ListenAddress(":1", "::", 1, True)
         listener = ListenerConfig(
             name="a", listen=listen, mode="postgres",
-            routes=(PostgresRoute(sni="a.example.com", cluster="nope"),),
+            options=PostgresOptions(routes=(PostgresRoute(sni="a.example.com", cluster="nope"),)),
         )
         self.assertRaises(
             ValueError,
@@ -2761,7 +2764,7 @@ class AllowlistRiskTests(SynchronousTestCase):
             '["localhost:*"]', '["169.254.169.254:80"]', '["127.0.0.1:9901"]',
         ):
             listener = parse(self.forward(destinations, accept_risk=destinations)).listeners[0]
-            self.assertEqual(listener.accept_risk, tuple(yaml.safe_load(destinations)))
+            self.assertEqual(listener.options.accept_risk, tuple(yaml.safe_load(destinations)))
 
     def test_stale_mark(self) -> None:
         """A mark that matches no risky entry is an error, so it does not linger."""

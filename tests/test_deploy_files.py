@@ -11,6 +11,7 @@ must agree. Docker is not needed; the Dockerfile is read as text.
 from __future__ import annotations
 
 import configparser
+import fnmatch
 import json
 import os
 import re
@@ -331,16 +332,23 @@ class DockerfileTests(SynchronousTestCase):
         self.assertEqual(admitted, copied | {"Dockerfile"})
         self.assertIn("**/dropin.cache", patterns)
 
-    def test_setup_cfg_lists_every_package(self) -> None:
-        """setup.cfg names every package under egressproxy/, so pip install . in the image is complete."""
+    def test_setup_cfg_finds_every_package(self) -> None:
+        """setup.cfg finds every package under egressproxy/ and names the twistd plugin, so pip install . is complete."""
         parser = configparser.ConfigParser()
         parser.read(SETUP_CFG, encoding="utf-8")
-        listed = set(parser.get("options", "packages").split())
-        found = {"twisted.plugins"}
+        self.assertEqual(parser.get("options", "packages").strip(), "find:")
+        include = parser.get("options.packages.find", "include").split()
+        packages = set()
         for directory, _, files in os.walk(os.path.join(ROOT, "egressproxy")):
             if "__init__.py" in files:
-                found.add(os.path.relpath(directory, ROOT).replace(os.sep, "."))
-        self.assertEqual(found - listed, set())
+                packages.add(os.path.relpath(directory, ROOT).replace(os.sep, "."))
+        # setuptools matches each include pattern against the dotted package name.
+        missed = {name for name in packages if not any(fnmatch.fnmatchcase(name, p) for p in include)}
+        self.assertEqual(missed, set())
+        modules = parser.get("options", "py_modules").split()
+        self.assertIn("twisted.plugins.egressproxy_plugin", modules)
+        for module in modules:
+            self.assertTrue(os.path.isfile(os.path.join(ROOT, *module.split(".")) + ".py"), module)
 
 
 class DeployDocTests(SynchronousTestCase):

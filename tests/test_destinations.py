@@ -10,9 +10,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from egressproxy import destinations
-from egressproxy.config import DestinationRule, User
-from egressproxy.destinations import (
+from egressproxy.modes.forward import destinations
+from egressproxy.modes.forward.destinations import (
     Destination,
     InvalidDestination,
     allowed,
@@ -23,6 +22,7 @@ from egressproxy.destinations import (
     parse_basic,
     rules_for,
 )
+from egressproxy.modes.forward.rules import DestinationRule, User
 
 RULES = (
     DestinationRule(host="api.vendor.com", port=443),

@@ -16,11 +16,14 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
-from egressproxy.config import DestinationRule, User
-from egressproxy.httpreq import MAX_HEAD
+from egressproxy.modes.forward import front as forward
+from egressproxy.modes.forward.options import ForwardOptions
+from egressproxy.modes.forward.rules import DestinationRule, User
+from egressproxy.modes.http_connect import front as http_connect
+from egressproxy.modes.http_connect.httpreq import MAX_HEAD
+from egressproxy.modes.socks5 import front as socks5
+from egressproxy.modes.socks5.socks import reply
 from egressproxy.splice import PENDING_LIMIT
-from egressproxy.modes import forward, http_connect, socks5
-from egressproxy.socks import reply
 from tests.helpers import Harness, cluster_config, listener_config
 
 RULES = (
@@ -50,7 +53,8 @@ def harness(
     return Harness(
         cluster_config(**values),
         listener_config(
-            name="fwd", mode=mode, cluster=None, log_prefix="FWD", allow_destinations=RULES, users=users, policy=policy
+            name="fwd", mode=mode, cluster=None, log_prefix="FWD", policy=policy,
+            options=ForwardOptions(allow_destinations=RULES, users=users),
         ),
         pins=PINS,
     )
@@ -347,7 +351,7 @@ class ConnectTests(FrontTestCase):
         self.h = Harness(
             cluster_config(name="fwd", endpoints=()),
             listener_config(mode="http_connect", cluster=None, allow_sources=(ip_network("10.0.0.0/8"),),
-                            allow_destinations=RULES),
+                            options=ForwardOptions(allow_destinations=RULES)),
         )
         _client, ct = self.h.connect_client()
         self.assertTrue(ct.value().startswith(b"HTTP/1.1 403 "))

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from egressproxy.httpreq import (
+from egressproxy.modes.http_connect.httpreq import (
     MAX_FIELDS,
     MAX_HEAD,
     MAX_REQUEST_LINE,

@@ -8,8 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from egressproxy import pgwire
-from egressproxy.pgwire import (
+from egressproxy.modes.postgres import pgwire
+from egressproxy.modes.postgres.pgwire import (
     CancelKey,
     ProtocolError,
     SaslInitialResponse,

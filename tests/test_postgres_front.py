@@ -14,17 +14,13 @@ from twisted.internet.error import ConnectionDone, ConnectionLost, ConnectionRef
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from egressproxy import pgwire, tlshello
-from egressproxy.config import Address, ClientTLS, ClusterTLS, PostgresRoute
-from egressproxy.modes.postgres import (
-    HANDSHAKE_TIMEOUT,
-    MAX_CANCEL_FANOUT,
-    PostgresListenerState,
-    match_route,
-    route_address,
-    valid_server_name,
-)
-from egressproxy.pgwire import CancelKey
+from egressproxy.config import Address, ClusterTLS
+from egressproxy.modes.postgres import pgwire, tlshello
+from egressproxy.modes.postgres.options import ClientTLS, PostgresOptions, PostgresRoute
+from egressproxy.modes.postgres.pgwire import CancelKey
+from egressproxy.modes.postgres.problems import HANDSHAKE_TIMEOUT
+from egressproxy.modes.postgres.routing import match_route, route_address, valid_server_name
+from egressproxy.modes.postgres.state import MAX_CANCEL_FANOUT, PostgresListenerState
 from egressproxy.upstream import UpstreamCluster
 from tests.helpers import HalfCloseTransport, Harness, cluster_config, listener_config
 from tests.test_pgwire import BACKEND_START, STARTUP, message, parse_error
@@ -50,9 +46,11 @@ class TLSTransport(HalfCloseTransport):
 
 
 def harness(pins: dict[str, str] | None = None, **listener: Any) -> Harness:
+    """A postgres listener; the mode's own keys (tls, require_tls, routes, client_tls) go to its options."""
     values: dict[str, Any] = dict(mode="postgres", cluster="pg")
     values.update(listener)
-    return Harness(listener=listener_config(**values), pins=pins)
+    options = {key: values.pop(key) for key in ("tls", "require_tls", "routes", "client_tls") if key in values}
+    return Harness(listener=listener_config(options=PostgresOptions(**options), **values), pins=pins)
 
 
 def routed(pins: dict[str, str] | None = None, **listener: Any) -> Harness:

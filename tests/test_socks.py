@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from egressproxy.socks import (
+from egressproxy.modes.socks5.socks import (
     ADDRESS_TYPE_NOT_SUPPORTED,
     BIND,
     CONNECT,

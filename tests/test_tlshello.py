@@ -8,8 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from egressproxy import tlshello
-from egressproxy.tlshello import HelloError, alert_record, parse_client_hello
+from egressproxy.modes.postgres import tlshello
+from egressproxy.modes.postgres.tlshello import HelloError, alert_record, parse_client_hello
 from tests.tlsclient import client_hello
 
 

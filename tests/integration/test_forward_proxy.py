@@ -28,7 +28,8 @@ from twisted.trial.unittest import SkipTest, TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
-from egressproxy.modes import http_connect, socks5
+from egressproxy.modes.http_connect import front as http_connect
+from egressproxy.modes.socks5 import front as socks5
 from tests.integration.proxy import InProcessProxy, inline, wait_until
 from tests.tlsfixtures import TestCA
 

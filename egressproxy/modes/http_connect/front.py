@@ -34,7 +34,9 @@ The conversation, for one client connection:
    Bytes the client sends after the request's body (a pipelined request)
    are dropped, never forwarded: they may carry ``Proxy-Authorization``,
    and they may be meant for another origin.  RFC 9112 section 9.3.2 has
-   clients retry those on a new connection.
+   clients retry those on a new connection.  Once spliced, the body's end
+   is found by the client leg's splice filter (``_request_body``, splice
+   note 7); the response direction has none and goes untouched.
 
 *Bodies.*  A request whose framing turns out bad must be answered ``400``
 with nothing sent upstream, so no bad request ever reaches an origin in
@@ -56,7 +58,7 @@ promise this (a bad chunk may come at any byte), and holding every body
 would put a copy and a size limit on the streaming path that needs neither.
 
 Every refusal is answered with a short text body and ``Connection: close``,
-then the connection is closed (see ``forward.py`` for how).
+then the connection is closed (see ``forward/front.py`` for how).
 """
 
 from __future__ import annotations
@@ -64,14 +66,15 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from egressproxy.addrguard import FLAG as ADDRESS_FLAG
-from egressproxy.destinations import (
+from egressproxy.modes.forward.destinations import (
     Destination,
     InvalidDestination,
     authenticate,
     parse_authority,
     parse_basic,
 )
-from egressproxy.httpreq import (
+from egressproxy.modes.forward.front import ForwardFront
+from egressproxy.modes.http_connect.httpreq import (
     CONNECTION_ESTABLISHED,
     BodyReader,
     HeadParser,
@@ -82,7 +85,6 @@ from egressproxy.httpreq import (
     response,
     split_absolute_http,
 )
-from egressproxy.modes.forward import ForwardFront
 from egressproxy.splice import PENDING_LIMIT, UpstreamLeg
 
 if TYPE_CHECKING:
@@ -163,8 +165,7 @@ class HttpConnectFront(ForwardFront):
             self.refuse_request(response(e.status, e.reason), e.reason)
             return
         self.session.upstream_name = str(dest)
-        config = self.session.listener.config
-        if config.users and not self._authenticated(head):
+        if self.options.users and not self._authenticated(head):
             why = "missing credentials" if not head.values("proxy-authorization") else "wrong credentials"
             self.refuse_credentials(response(407, "proxy credentials required", [PROXY_AUTHENTICATE]), why)
             return
@@ -201,7 +202,7 @@ class HttpConnectFront(ForwardFront):
         credentials = parse_basic(values[0])
         if credentials is None:
             return False
-        return self.authenticated(authenticate(self.session.listener.config.users, *credentials))
+        return self.authenticated(authenticate(self.options.users, *credentials))
 
     # -- the upstream ---------------------------------------------------------
 
@@ -263,7 +264,12 @@ class HttpConnectFront(ForwardFront):
         """EOF while the origin connects: the splice replays it once joined (splice note 5)."""
 
     def _send_request(self, up: UpstreamLeg) -> None:
-        """Write the rewritten head and the body so far, splice, then watch for the body's end."""
+        """Write the rewritten head and the body so far, then splice with the client leg filtered.
+
+        The rest of the body goes through the splice, past the client leg's
+        splice filter (:meth:`_request_body`, splice note 7), which ends it
+        at the body's last byte; EOF, pressure and closing are the splice's.
+        """
         session = self.session
         down = session.down
         body = self._body
@@ -273,29 +279,16 @@ class HttpConnectFront(ForwardFront):
         taken = len(held) if self._body_checked else body.feed(held)
         up.transport.write(self._origin_head + held[:taken])
         down.end_preamble(b"")
+        down.set_filter(self._request_body)
         session.splice()
-        if body.done:
-            down.read_preamble(self._after_request, self._client_eof)
-        else:
-            down.read_preamble(self._body_chunk, self._client_eof)
 
-    def _body_chunk(self, data: bytes) -> None:
-        """A chunk of the request body: forwarded up to the body's end, the rest dropped."""
-        session = self.session
+    def _request_body(self, data: bytes) -> bytes:
+        """The client leg's splice filter: the body up to its end; what follows (pipelining) dropped."""
         body = self._body
-        assert body is not None and session.up is not None and session.down is not None
-        taken = body.feed(data)  # Content-Length: counting only, it cannot fail
-        if taken:
-            session.up.transport.write(data[:taken])  # type: ignore[union-attr]
+        assert body is not None
         if body.done:
-            session.down.read_preamble(self._after_request, self._client_eof)
+            return b""
+        return data[:body.feed(data)]  # Content-Length: counting only, it cannot fail
 
     def _after_request(self, data: bytes) -> None:
-        """Bytes after the request (pipelining): dropped, see the module docstring."""
-
-    def _client_eof(self) -> None:
-        """The client's EOF: hand it to the splice's half-close rule (splice note 2)."""
-        down = self.session.down
-        assert down is not None
-        down.end_preamble(b"")
-        down.readConnectionLost()
+        """Bytes after the request (pipelining), before the splice: dropped, see the module docstring."""

@@ -6,7 +6,7 @@ complete.  It owns the wire format only: which method to choose given
 whether credentials are required, the username/password subnegotiation
 (the check itself is a function it is given), and the reply encoding
 (:func:`reply`).  Policy (which commands are served, which destinations
-are allowed) and I/O are the front's (``modes/socks5.py``).
+are allowed) and I/O are the front's (``front.py``).
 
 Wire format, for reference:
 

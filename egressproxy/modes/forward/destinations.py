@@ -33,7 +33,8 @@ from ipaddress import IPv4Address, IPv6Address, ip_address
 
 import attrs
 
-from egressproxy.config import Address, DestinationRule, User
+from egressproxy.config.model import Address
+from egressproxy.modes.forward.rules import DestinationRule, User
 
 
 class InvalidDestination(ValueError):

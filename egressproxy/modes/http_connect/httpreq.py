@@ -5,7 +5,7 @@ request head (:class:`HeadParser`), the framing of a forwarded request's
 body (:func:`body_framing`, :class:`ChunkedBody`), the head sent on to an
 origin (:func:`forward_head`) and the proxy's own answers
 (:func:`response`).  It does no I/O, keeps no clock and knows no policy
-(credentials and allowlists are ``destinations.py``'s).
+(credentials and allowlists are ``modes/forward/destinations.py``'s).
 
 Limits, each answered with the status RFC 9110/9112 gives it:
 

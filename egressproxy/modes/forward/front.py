@@ -46,12 +46,16 @@ from typing import TYPE_CHECKING
 from twisted.internet.interfaces import IDelayedCall
 
 from egressproxy.addresses import format_peer
-from egressproxy.config import User
-from egressproxy.destinations import Destination, allowed, rules_for
 from egressproxy.modes.base import Front
+from egressproxy.modes.forward.destinations import Destination, allowed, rules_for
+from egressproxy.modes.forward.options import ForwardOptions
+from egressproxy.modes.forward.rules import User
 
 if TYPE_CHECKING:
     from egressproxy.session import Session
+
+#: What a listener reloaded into another mode allows: nothing.
+_NONE = ForwardOptions()
 
 #: How long a refused client may keep sending before it is closed.
 LINGER = 2.0
@@ -74,6 +78,12 @@ class ForwardFront(Front):
         # Forward listeners' access lines name the user and the address dialled.
         session.user = "-"
         session.dialled = "-"
+
+    @property
+    def options(self) -> ForwardOptions:
+        """The listener's allowlist and users as configured now (a reload applies at once)."""
+        options = self.session.listener.config.options
+        return options if isinstance(options, ForwardOptions) else _NONE
 
     # -- hooks for the modes ----------------------------------------------
 
@@ -156,7 +166,7 @@ class ForwardFront(Front):
         with what enforce would do, flagged ``RP`` and counted.
         """
         config = self.session.listener.config
-        if allowed(rules_for(config.allow_destinations, self.user), dest):
+        if allowed(rules_for(self.options.allow_destinations, self.user), dest):
             return True
         if config.policy != "report":
             return False
@@ -222,7 +232,7 @@ class ForwardFront(Front):
         """
         session = self.session
         session.down.transport.pauseProducing()  # type: ignore[union-attr]
-        explicit = dest.ip is not None and allowed(rules_for(session.listener.config.allow_destinations, self.user), dest)
+        explicit = dest.ip is not None and allowed(rules_for(self.options.allow_destinations, self.user), dest)
         session.connect_upstream(session.listener.cluster, [dest.address], checked=not explicit)
 
     def answer_and_close(self, answer: bytes) -> None:

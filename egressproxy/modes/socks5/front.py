@@ -17,7 +17,7 @@ The conversation, for one client connection (wire format in ``socks.py``):
    that is not a valid host name gets ``0x04 host unreachable``; one
    outside ``allow_destinations`` (the user's own list if it has one, else
    the listener's) ``0x02 not allowed by ruleset`` (flag ``NR``), unless
-   ``policy: report`` lets it through (flag ``RP``, see ``forward.py``).
+   ``policy: report`` lets it through (flag ``RP``, see ``forward/front.py``).
    Nothing is dialled before these checks pass.
 4. Dial through the listener's cluster.  Failures map to reply codes:
    refused ``0x05``, name not resolved or no route ``0x04``, connect
@@ -32,9 +32,9 @@ from __future__ import annotations
 from ipaddress import ip_address
 
 from egressproxy.addrguard import FLAG as ADDRESS_FLAG
-from egressproxy.destinations import InvalidDestination, authenticate, destination
-from egressproxy.modes.forward import ForwardFront
-from egressproxy.socks import (
+from egressproxy.modes.forward.destinations import InvalidDestination, authenticate, destination
+from egressproxy.modes.forward.front import ForwardFront
+from egressproxy.modes.socks5.socks import (
     COMMAND_NOT_SUPPORTED,
     CONNECT,
     CONNECTION_REFUSED,
@@ -66,7 +66,7 @@ class Socks5Front(ForwardFront):
     """One client connection of a ``socks5`` listener; see the module docstring."""
 
     def start(self) -> None:
-        users = self.session.listener.config.users
+        users = self.options.users
         check = (lambda name, password: self.authenticated(authenticate(users, name, password))) if users else None
         self._handshake = Socks5Handshake(check)
         self._started = False

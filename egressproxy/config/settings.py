@@ -1,0 +1,126 @@
+"""Reading the top-level sections besides listeners and clusters.
+
+``hosts`` (names pinned to addresses), ``access_log``, the two HTTP
+services (``admin``, ``metrics``) and ``workers``; the plain top-level
+values (durations, ``fast_path``) are read by ``load.py`` directly.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import partial
+
+import yaml
+
+from egressproxy.config.context import FileFacts
+from egressproxy.config.listeners import read_listen
+from egressproxy.config.model import DEFAULT_ADMIN, DEFAULT_METRICS, AccessLogConfig, HttpServiceConfig
+from egressproxy.config.reader import FieldReader, Invalid, Reader
+from egressproxy.config.syntax import Path, hostname_problem, ip_literal, show
+from egressproxy.config.yamlnodes import flag, line
+
+__all__ = ["HTTP_SERVICE_DEFAULTS", "MAX_WORKERS", "Settings"]
+
+#: The most ``workers`` accepted (beyond this, per-worker limits get too small to be useful).
+MAX_WORKERS = 64
+#: The HTTP services by top-level key, with the address each has when not told.
+HTTP_SERVICE_DEFAULTS = {"admin": DEFAULT_ADMIN, "metrics": DEFAULT_METRICS}
+_ACCESS_LOG_KEYS = ("format",)
+_HTTP_SERVICE_KEYS = ("listen",)
+
+
+class Settings:
+    """Reads the smaller top-level sections."""
+
+    def __init__(self, r: Reader, facts: FileFacts) -> None:
+        self.r = r
+        self.facts = facts
+
+    def hosts(self, node: yaml.Node, path: Path) -> tuple[tuple[str, str], ...]:
+        r = self.r
+        if not isinstance(node, yaml.MappingNode):
+            r.fail(node, path, f"expected a mapping of host name to IP address, got {r.got(node)}")
+        pairs: list[tuple[str, str]] = []
+        seen: dict[str, int] = {}
+        failed = False
+        for key, (key_node, value_node) in r.entries(node, path).items():
+            name = key.lower()
+            entry = path + (key,)
+            problem = hostname_problem(name)
+            if problem:
+                r.report(key_node, entry, problem)
+                failed = True
+                continue
+            if name in seen:
+                r.report(
+                    key_node, entry,
+                    f"duplicate host {key!r} (names ignore case; first at line {seen[name]})",
+                )
+                failed = True
+                continue
+            seen[name] = line(key_node)
+            try:
+                address = r.text(value_node, entry, "an IP address")
+            except Invalid:
+                failed = True
+                continue
+            literal = ip_literal(address)
+            if literal is None:
+                r.report(
+                    value_node, entry,
+                    f"expected an IP address (e.g. 127.0.0.1 or fdaa::3), got {address!r}",
+                )
+                failed = True
+                continue
+            pairs.append((name, str(literal)))
+        if failed:
+            raise Invalid()
+        return tuple(pairs)
+
+    def access_log(self, node: yaml.Node, path: Path) -> AccessLogConfig:
+        fields = self.r.mapping(node, path, _ACCESS_LOG_KEYS)
+        read = FieldReader(fields, path, ())
+        log_format = read("format", partial(self.r.choice, expected="text or json", choices=("text", "json")), "text")
+        if not read.ok:
+            raise Invalid()
+        return AccessLogConfig(format=log_format)
+
+    def http_service(self, node: yaml.Node, path: Path) -> HttpServiceConfig | None:
+        """``admin`` or ``metrics``: null, true or ``{}`` is the default, false is off.
+
+        The address the service will use, written or default, is claimed for
+        the listen clash check; a key absent from the file is claimed by the
+        document reader.
+        """
+        r = self.r
+        key = path[-1]
+        assert isinstance(key, str)
+        default = HTTP_SERVICE_DEFAULTS[key]
+        listen_path = path + ("listen",)
+        if isinstance(node, yaml.ScalarNode):
+            value = flag(r.scalar(node, path, "a mapping or true/false"))
+            if value is False:
+                return None
+            if value is None or value is True:
+                self.facts.listens.append((default.listen, None, listen_path))
+                return default
+            r.fail(node, path, f"expected a mapping with listen, or false to turn {key} off, got {show(value)}")
+        fields = r.mapping(node, path, _HTTP_SERVICE_KEYS)
+        if "listen" not in fields:
+            self.facts.listens.append((default.listen, None, listen_path))
+            return default
+        listen = read_listen(r, fields["listen"], listen_path)
+        self.facts.listens.append((listen, fields["listen"], listen_path))
+        return r.built(node, path, HttpServiceConfig, listen=listen)
+
+    def workers(self, node: yaml.Node, path: Path) -> int:
+        """``workers``: a count, or ``auto`` for one per CPU this process may use."""
+        expected = f"a whole number 1-{MAX_WORKERS} or auto"
+        value = self.r.scalar(node, path, expected)
+        if value == "auto":
+            return max(1, min(MAX_WORKERS, len(os.sched_getaffinity(0))))
+        if isinstance(value, str) and value.isascii() and value.isdigit():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_WORKERS:
+            self.r.fail(node, path, f"expected {expected}, got {show(value)}")
+        return value

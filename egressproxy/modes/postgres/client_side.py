@@ -1,0 +1,324 @@
+"""The postgres front's client half: its first packets, and TLS from it (``client_tls``).
+
+A mixin of :class:`~egressproxy.modes.postgres.front.PostgresFront`, which
+holds the state these methods share (see its ``__init__``) and the ways of
+saying no; the upstream half is ``upstream_side.py``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from egressproxy.addresses import peer_ip
+from egressproxy.modes.postgres import pgwire, tlshello
+from egressproxy.modes.postgres.pgwire import ACCEPT, DECLINE, InitialPacket, ProtocolError
+from egressproxy.modes.postgres.problems import CLIENT_BUFFER_LIMIT, HANDSHAKE_TIMEOUT, Problem
+from egressproxy.modes.postgres.routing import match_route, route_address, valid_server_name
+from egressproxy.modes.postgres.state import send_cancel_copy
+from egressproxy.modes.postgres.tlshello import ClientHello, HelloError
+
+if TYPE_CHECKING:
+    from egressproxy.splice import Leg
+
+__all__ = ["ClientSide"]
+
+
+class ClientSide:
+    """Reading the client until its first packets say where to go (see the package notes)."""
+
+    # -- reading the client -----------------------------------------------------
+
+    def _take_held(self, leg: Leg) -> bytes:
+        """Bytes a leg held before this front read it (e.g. after a PROXY header)."""
+        held = b"".join(leg.pending)
+        leg.pending = []
+        leg.pending_size = 0
+        return held
+
+    def _begin(self) -> None:
+        """Take the client leg's bytes from here on (and any it already held)."""
+        down = self.session.down
+        assert down is not None
+        self._buffer = bytearray(self._take_held(down))
+        down.read_preamble(self._client_data, self._client_eof)
+        self._read_packet()
+
+    def _read_packet(self) -> None:
+        self._client = "packet"
+        self._expect(pgwire.read_initial_packet, self._on_packet)
+
+    def _expect(self, parse: Callable[[bytes], Any], then: Callable[[Any], None]) -> None:
+        """Parse the client's bytes with ``parse`` until it has a result, then call ``then``."""
+        self._parse, self._then = parse, then
+        if self._timer is None:
+            self._arm(HANDSHAKE_TIMEOUT, self._client_timed_out)
+        self._client_data(b"")
+
+    def _client_data(self, data: bytes) -> None:
+        """The client leg's ``forward`` before the splice (never called after it)."""
+        if self._client == "relay":
+            self._relay_client(data)
+            return
+        if self._client == "done":
+            return
+        self._buffer += data
+        if len(self._buffer) > CLIENT_BUFFER_LIMIT:
+            self._client_error(f"more than {CLIENT_BUFFER_LIMIT} bytes before the handshake completed")
+            return
+        parse = self._parse
+        if parse is None:
+            return  # waiting for the upstream: keep (bounded) what arrives
+        try:
+            result = parse(self._buffer)
+        except (ProtocolError, HelloError) as e:
+            self._client_error(str(e))
+            return
+        if result is None:
+            return
+        then = self._then
+        self._parse = self._then = None
+        self._disarm()
+        assert then is not None
+        then(result)
+
+    def _client_eof(self) -> None:
+        """The client sent EOF before the splice: it has given up; close."""
+        if self._client == "done":
+            return
+        self._close()
+
+    def _client_timed_out(self) -> None:
+        self._timer = None
+        if self._problem is None:
+            self._reject("DPE", "protocol", f"client handshake not complete within {HANDSHAKE_TIMEOUT:g}s")
+        self._close()
+
+    def _client_error(self, why: str) -> None:
+        """The client's bytes are not the protocol: an ErrorResponse if it speaks plaintext, then close."""
+        self._parse = self._then = None
+        self._disarm()
+        if self._problem is None:
+            self._reject("DPE", "protocol", f"protocol error: {why}")
+        if self._client in ("packet", "startup"):
+            self._write(pgwire.error_response(
+                pgwire.SQLSTATE_PROTOCOL_VIOLATION, f"egressproxy: invalid startup packet: {why}"
+            ))
+        self._close()
+
+    # -- the client's first packets ---------------------------------------------
+
+    def _on_packet(self, result: tuple[InitialPacket, bytes]) -> None:
+        packet, rest = result
+        kind = packet.kind
+        if kind == "tls":
+            self._on_direct_tls()
+            return
+        self._buffer = bytearray(rest)
+        if kind == "gssenc":
+            if self._gss_seen or self._ssl_seen:
+                self._client_error("GSSENCRequest out of order")
+                return
+            self._gss_seen = True
+            self._write(DECLINE)
+            self._read_packet()
+        elif kind == "ssl":
+            if self._ssl_seen:
+                self._client_error("second SSLRequest")
+                return
+            self._ssl_seen = True
+            self._client = "ssl"
+            self._on_ssl_request(packet)
+        elif kind == "cancel":
+            self._client = "cancel"
+            self._packet = packet
+            self._on_cancel(packet)
+        else:
+            self._client = "startup"
+            self._packet = packet
+            self._on_startup(packet)
+
+    def _on_ssl_request(self, packet: InitialPacket) -> None:
+        if self._problem is not None:
+            self._answer()
+        elif self.options.tls == "originate":
+            if self.options.client_tls is not None:
+                self._write(ACCEPT)
+                early, self._buffer = bytes(self._buffer), bytearray()
+                self._start_client_tls(early)
+            else:
+                self._write(DECLINE)
+                self._read_packet()
+        elif self.options.routes:
+            self._write(ACCEPT)
+            self._read_hello()
+        else:
+            # Single cluster: ask the server, then relay its answer.
+            self._on_connected = self._relay_ssl_request
+            self._dial(self.listener.cluster)
+
+    def _on_direct_tls(self) -> None:
+        """A ClientHello instead of a packet: PostgreSQL 17's ``sslnegotiation=direct``."""
+        if self._ssl_seen:
+            self._client_error("TLS handshake after the SSLRequest was answered N")
+            return
+        self._ssl_seen = True
+        if self.options.tls == "originate" and self._problem is None:
+            if self.options.client_tls is None:
+                self._read_hello(then=self._refuse_direct_tls)
+                return
+            held, self._buffer = bytes(self._buffer), bytearray()
+            self._start_client_tls(held)
+            return
+        self._read_hello()
+
+    def _refuse_direct_tls(self, hello: ClientHello) -> None:
+        self._hello = hello
+        self._client = "hello"
+        self._fail(Problem(
+            "DPE", pgwire.SQLSTATE_PROTOCOL_VIOLATION, "this listener does not accept TLS from clients",
+            tlshello.HANDSHAKE_FAILURE, hint="connect with sslmode=disable (the proxy opens TLS to the server)",
+            reason="protocol",
+        ))
+
+    def _read_hello(self, then: Callable[[ClientHello], None] | None = None) -> None:
+        self._client = "hello"
+        self._expect(tlshello.parse_client_hello, then or self._on_hello)
+
+    def _on_hello(self, hello: ClientHello) -> None:
+        self._hello = hello
+        self._client = "hello"
+        if self._problem is not None:
+            self._answer()
+            return
+        if not self.options.routes:
+            # Single cluster, direct TLS: the server must accept an SSLRequest first.
+            self._on_connected = self._send_hello_after_ssl_request
+            self._dial(self.listener.cluster)
+            return
+        name = hello.server_name
+        if name is None or not valid_server_name(name):
+            shown = "no server name (SNI)" if name is None else f"invalid server name {name!r}"
+            self._fail(Problem(
+                "NR", pgwire.SQLSTATE_CANNOT_CONNECT, f"{shown} in the TLS ClientHello: cannot route",
+                tlshello.UNRECOGNIZED_NAME,
+                hint="connect with host=<the database's name> (not an IP address; use hostaddr for the "
+                "proxy's address) and sslsni=1",
+                reason="no_route",
+            ))
+            return
+        route = match_route(self.options.routes, name)
+        if route is None:
+            self._fail(Problem(
+                "NR", pgwire.SQLSTATE_CANNOT_CONNECT, f"no route for server name {name}",
+                tlshello.UNRECOGNIZED_NAME, reason="no_route",
+            ))
+            return
+        self._on_connected = self._send_hello_after_ssl_request
+        if route.cluster is not None:
+            cluster = self.listener.named_cluster(route.cluster)
+            if cluster is None:
+                self._fail(Problem(
+                    "NR", pgwire.SQLSTATE_CANNOT_CONNECT,
+                    f"route for {name} names cluster {route.cluster!r}, which is not configured",
+                    tlshello.INTERNAL_ERROR, reason="no_route",
+                ))
+                return
+            self._target_name = f"cluster {cluster.name}"
+            self._dial(cluster)
+            return
+        assert route.upstream is not None
+        try:
+            address = route_address(route.upstream, name)
+        except ValueError as e:
+            self._fail(Problem("NR", pgwire.SQLSTATE_CANNOT_CONNECT, str(e), tlshello.INTERNAL_ERROR, reason="no_route"))
+            return
+        self._target_name = str(address)
+        # The name came from the client: its addresses are checked (addrguard).
+        self._dial(self.listener.cluster, [address], checked=True)
+
+    def _on_startup(self, packet: InitialPacket) -> None:
+        if self._problem is not None:
+            self._answer()
+            return
+        routed = self.options.tls == "passthrough" and bool(self.options.routes)
+        if (self.options.require_tls or routed) and not self._client_tls:
+            self._fail(Problem(
+                "DPE", pgwire.SQLSTATE_CANNOT_CONNECT,
+                "TLS required on this listener" + (" (it routes by TLS server name)" if routed else ""),
+                tlshello.INTERNAL_ERROR,
+                hint="connect with sslmode=verify-full (or require)"
+                + (" and host=<the database's name>" if routed else ""),
+                reason="tls_required",
+            ))
+            return
+        self._target_name = f"cluster {self.listener.cluster.name}"
+        if self.options.tls == "originate":
+            self._on_connected = self._originate_ssl_request
+        else:
+            self._on_connected = self._send_startup
+        self._dial(self.listener.cluster)
+
+    def _on_cancel(self, packet: InitialPacket) -> None:
+        assert packet.cancel is not None
+        if self._problem is not None:
+            self._answer()
+            return
+        target = self.state.backend_keys.get(packet.cancel)
+        if target is not None:
+            self._target_name = str(target.address)
+            self._up_tls = True if target.tls else None
+            self._on_connected = self._send_cancel
+            self._dial(target.cluster, [target.address])
+            return
+        if self.config.cluster is None:
+            # A routed listener: a plaintext cancel names no server; try the
+            # endpoints this source has live sessions with (module notes).
+            self._cancel_by_source(packet.data)
+            return
+        # A backend this process did not see (another proxy instance's, or
+        # a session that ended): the cluster's server ignores unknown keys.
+        cluster = self.listener.cluster
+        self._target_name = f"cluster {cluster.name}"
+        if self.options.tls == "originate":
+            self._up_tls = True  # the options are made per endpoint once connected
+        self._on_connected = self._send_cancel
+        self._dial(cluster)
+
+    def _cancel_by_source(self, packet: bytes) -> None:
+        source = peer_ip(self.session.peer_address)
+        targets = self.state.cancel_targets(source)
+        if not targets:
+            self._reject("NR", "no_route", "CancelRequest from a source with no live session: not routable by SNI")
+            self._close()
+            return
+        first, *others = targets
+        for target in others:
+            send_cancel_copy(packet, target)
+        self._target_name = str(first.address)
+        self._on_connected = self._send_cancel
+        self._dial(first.cluster, [first.address])
+
+    # -- TLS from the client, terminated here (client_tls) ------------------------
+
+    def _start_client_tls(self, hello: bytes) -> None:
+        assert self.options.client_tls is not None
+        try:
+            options = self.state.server_options(self.options.client_tls)
+        except Exception as e:  # unreadable files, bad PEM: the listener cannot speak TLS
+            self.log.error(
+                "{listener}: cannot load client_tls certificate: {error}", listener=self.config.name, error=e
+            )
+            self._client = "done"
+            self._reject("DPE", "protocol", "client_tls certificate unusable")
+            self.session.down.abort()  # type: ignore[union-attr]
+            return
+        down = self.session.down
+        assert down is not None
+        self._client_tls = True
+        down.transport.startTLS(options)  # type: ignore[union-attr]
+        self._read_packet()
+        if hello:
+            # The ClientHello already read goes to the new TLS layer first.
+            down.transport.protocol.dataReceived(hello)  # type: ignore[union-attr]
+

@@ -1,0 +1,1 @@
+"""``mode: tcp``: forward bytes to the listener's cluster, untouched (``spec.py``)."""
