@@ -20,11 +20,14 @@ and every other selectable (listening ports, the waker, TLS, connections not
 yet spliced), takes Twisted's path unchanged.
 
 The poll step uses private parts of ``EPollReactor`` (``_poller``,
-``_selectables``, ``_doReadOrWrite``, ``_disconnectSelectable``), so
-:func:`install` only acts on a reactor whose class runs Twisted's own
-``doPoll`` and has all of them; on any other reactor it returns False and
-nothing changes.  It is installed once per reactor, when the service starts,
-and left in place: for anything it does not shortcut it is Twisted's code.
+``_selectables``, ``_doReadOrWrite``, ``_disconnectSelectable``,
+``_POLL_IN``).  :class:`egressproxy.fastpath.FastPath` checks each of them
+(and that the reactor's poll step is Twisted's own ``doPoll``) before it
+calls :func:`install`, and calls :func:`uninstall` to give the reactor its
+own step back; nothing else should call either.  Installs are counted per
+reactor, so two services sharing one reactor (tests) share the shortcut and
+the last one out removes it.  For anything it does not shortcut, the
+installed step is Twisted's code.
 """
 
 from __future__ import annotations
@@ -41,27 +44,16 @@ try:
 except ImportError:  # not Linux
     EPollReactor = None  # type: ignore[assignment,misc]
 
-#: Set on a reactor once its poll step is ours.
-_MARK = "_egress_fast_dispatch"
-_PRIVATE_PARTS = ("_poller", "_selectables", "_doReadOrWrite", "_disconnectSelectable", "_POLL_IN")
+#: On a reactor whose poll step is ours: how many installs it has.
+MARK = "_egress_fast_dispatch"
 
 
-def supported(reactor: Any) -> bool:
-    """Whether :func:`install` can act on ``reactor``."""
-    return (
-        EPollReactor is not None
-        and isinstance(reactor, EPollReactor)
-        and getattr(type(reactor), "doPoll", None) is EPollReactor.doPoll
-        and all(hasattr(reactor, name) for name in _PRIVATE_PARTS)
-    )
-
-
-def install(reactor: Any) -> bool:
-    """Shortcut spliced reads on ``reactor``; True if installed (now or before)."""
-    if getattr(reactor, _MARK, False):
-        return True
-    if not supported(reactor):
-        return False
+def install(reactor: Any) -> None:
+    """Shortcut spliced reads on ``reactor`` (checked by FastPath first)."""
+    count = getattr(reactor, MARK, 0)
+    setattr(reactor, MARK, count + 1)
+    if count:
+        return
     poller = reactor._poller
     selectables = reactor._selectables
     lookup = selectables.get
@@ -97,5 +89,14 @@ def install(reactor: Any) -> bool:
             call_with_logger(selectable, handle, selectable, fd, event)
 
     reactor.doIteration = do_poll
-    setattr(reactor, _MARK, True)
-    return True
+
+
+def uninstall(reactor: Any) -> None:
+    """Undo one :func:`install`; the last one gives the reactor Twisted's poll step back."""
+    count = getattr(reactor, MARK, 0)
+    if count > 1:
+        setattr(reactor, MARK, count - 1)
+        return
+    if count:
+        delattr(reactor, MARK)
+        vars(reactor).pop("doIteration", None)  # the class's own (EPollReactor.doPoll) again

@@ -23,6 +23,12 @@ reactor's per-event logging context as well.
 Only plain TCP transports whose protocol is the leg (directly or through the
 endpoint's wrapper) qualify; a TLS transport, or a protocol we do not know
 in between, keeps Twisted's own path.
+
+The private names this relies on (``tcp.Connection.doRead`` settable per
+connection, ``TLS``, ``socket``, ``main.CONNECTION_DONE``/``LOST``,
+``endpoints._WrappingProtocol._wrappedProtocol``) are checked once, at
+start-up, by :class:`egressproxy.fastpath.FastPath`, which is what calls
+:func:`direct_reader`, passing the wrapper class it found.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from __future__ import annotations
 from errno import EWOULDBLOCK
 from typing import Callable
 
-from twisted.internet import endpoints, main, tcp
+from twisted.internet import main, tcp
 from twisted.internet.interfaces import IProtocol, ITransport
 
 #: Bytes asked for per read once spliced.  Twisted reads 64 KiB at a time;
@@ -45,32 +51,28 @@ READ_SIZE = 256 * 1024
 #: The attribute the dispatch shortcut calls instead of ``doRead``.
 ATTRIBUTE = "egress_read"
 
-#: The wrapper ``HostnameEndpoint`` puts around a client protocol (private to
-#: Twisted, hence looked up softly: without it, upstream legs keep Twisted's path).
-_ENDPOINT_WRAPPER = getattr(endpoints, "_WrappingProtocol", None)
-
-
-def _delivers_to(transport: tcp.Connection, protocol: IProtocol) -> bool:
+def _delivers_to(transport: tcp.Connection, protocol: IProtocol, wrapper: type | None) -> bool:
     """Whether chunks read by ``transport`` reach ``protocol`` and nothing else."""
     current = transport.protocol
     if current is protocol:
         return True
-    return (
-        _ENDPOINT_WRAPPER is not None
-        and type(current) is _ENDPOINT_WRAPPER
-        and getattr(current, "_wrappedProtocol", None) is protocol
-    )
+    return wrapper is not None and type(current) is wrapper and current._wrappedProtocol is protocol  # type: ignore[attr-defined]
 
 
-def direct_reader(transport: ITransport, protocol: IProtocol, deliver: Callable[[bytes], None]) -> bool:
+def direct_reader(
+    transport: ITransport, protocol: IProtocol, deliver: Callable[[bytes], None], wrapper: type | None = None
+) -> bool:
     """Make ``transport`` hand what it reads to ``deliver``; False if it does not qualify.
 
     ``deliver`` must do what ``protocol.dataReceived`` does (normally it is
-    that very method).
+    that very method).  ``wrapper``: the client endpoints' wrapper protocol
+    class (``endpoints._WrappingProtocol``, as FastPath checked it), through
+    which an upstream transport reaches its leg; None: only transports whose
+    protocol is the leg itself qualify.
     """
     if type(transport) not in (tcp.Server, tcp.Client) or transport.TLS:  # type: ignore[attr-defined]
         return False
-    if not _delivers_to(transport, protocol):  # type: ignore[arg-type]
+    if not _delivers_to(transport, protocol, wrapper):  # type: ignore[arg-type]
         return False
     recv = transport.socket.recv  # type: ignore[attr-defined]
     size = READ_SIZE

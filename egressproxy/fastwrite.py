@@ -16,7 +16,11 @@ pauses the producer past its high-water mark), and errors are found by
 Twisted's own write path, which closes the connection as usual.
 
 Only plain TCP transports qualify; TLS transports (Postgres origination)
-and anything else keep ``transport.write``.
+and anything else keep ``transport.write``.  The private names it reads
+(``dataBuffer``, ``_tempDataLen``, ``connected``, ``disconnecting``,
+``socket``) are checked once, at start-up, by
+:class:`egressproxy.fastpath.FastPath`, which is what calls
+:func:`direct_writer`.
 """
 
 from __future__ import annotations

@@ -71,12 +71,12 @@ from twisted.logger import Logger
 
 from twisted.web.server import Site
 
-from egressproxy import fastdispatch
 from egressproxy.accesslog import make_access_logger
 from egressproxy.addrguard import OwnSockets
 from egressproxy.admin import ADMIN_TOKEN_ENV, admin_token, build_admin_site, build_metrics_site
 from egressproxy.addresses import format_host_port, peer_ip
 from egressproxy.config import ClusterConfig, Config, ConfigError, HealthCheckConfig, ListenerConfig, load_config
+from egressproxy.fastpath import FastPath
 from egressproxy.health import HealthChecker
 from egressproxy.listen import ListenError, listen
 from egressproxy.listener import ListenerFactory, ListenerRuntime
@@ -142,6 +142,8 @@ class EgressService(MultiService):
         #: Never dialled, by any mode (``addrguard``): read live from ``ports`` and ``http_ports``.
         self.own_sockets = OwnSockets(self._bound_sockets)
         self.clusters = {c.name: self._new_cluster(c) for c in config.clusters}
+        #: The data path's shortcuts (``fast_path``): checked and installed at start, shared by every listener.
+        self.fast_path = FastPath()
         #: Per listener without a ``cluster``: the limits for the destinations it picks.
         self.dynamic: dict[str, UpstreamCluster] = {}
         self.listeners = {
@@ -150,6 +152,7 @@ class EgressService(MultiService):
         }
         for runtime in self.listeners.values():
             runtime.named_cluster = self.clusters_get
+            runtime.fast_path = self.fast_path
         #: Listeners removed by a reload whose connections are still live.
         self.retired: list[ListenerRuntime] = []
         self.ports: dict[str, IListeningPort] = {}
@@ -314,9 +317,10 @@ class EgressService(MultiService):
             # startService without privilegedStartService (e.g. in tests).
             self.privilegedStartService()
         self._start_checkers(self.clusters)
-        # Spliced reads skip the reactor's per-event logging context (a no-op
-        # on reactors it does not know, such as the tests' memory reactors).
-        fastdispatch.install(self.reactor)
+        # The data path's shortcuts: each checked against the installed
+        # Twisted and this reactor, each part that cannot run logged and left
+        # on Twisted's path; ``fast_path: false`` turns all off (one log line).
+        self.fast_path.install(self.reactor, self.config.fast_path)
         if self.handle_signals:
             self.reactor.callWhenRunning(self._install_signal_handlers)
         if self.worker_index > 0:
@@ -437,6 +441,7 @@ class EgressService(MultiService):
 
     def stopService(self) -> defer.Deferred[None]:
         d = self.drain()
+        d.addCallback(lambda _: self.fast_path.uninstall())
         d.addCallback(lambda _: super(EgressService, self).stopService())
         return d.addCallback(lambda _: None)
 
@@ -495,6 +500,7 @@ class EgressService(MultiService):
                     self.access_log,
                 )
                 runtimes[name].named_cluster = self.clusters_get
+                runtimes[name].fast_path = self.fast_path
                 bound[name] = self._bind_listener(runtimes[name])
             for name in rebound:
                 factory = ListenerFactory(self.listeners[name])
@@ -541,6 +547,9 @@ class EgressService(MultiService):
         self._start_checkers({n: self.clusters[n] for n in list(fresh) + changed_clusters})
         if (new.admin, new.metrics) != (old.admin, old.metrics):
             self.log.warn("admin and metrics addresses changed: that takes a restart")
+        if new.fast_path != old.fast_path and self.running:
+            # Connections spliced from now on follow the new setting; live ones keep theirs.
+            self.fast_path.install(self.reactor, new.fast_path)
         parts = [
             f"{len(added)} listener(s) added" if added else "",
             f"{len(removed)} removed" if removed else "",

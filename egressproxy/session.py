@@ -167,7 +167,7 @@ class Session:
 
     def splice(self) -> None:
         """Join the two legs: from here on bytes flow untouched until the end."""
-        join(self.down, self.up)  # type: ignore[arg-type]
+        join(self.down, self.up, self.listener.fast_path)  # type: ignore[arg-type]
         self._start_idle_timer()
 
     def write_downstream(self, data: bytes) -> None:

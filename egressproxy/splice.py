@@ -18,7 +18,8 @@ Invariants:
    passes Twisted's high-water mark (64 KiB), the upstream transport is paused,
    so the kernel's receive window pushes back on the upstream.  What the proxy
    holds per connection and direction is bounded by that buffer plus one read
-   (64 KiB before the splice, ``fastread.READ_SIZE`` after it).
+   (64 KiB before the splice, ``fastread.READ_SIZE`` after it on the fast
+   path, note 8).
 
 2. **Half-close.**  Both legs provide ``IHalfCloseableProtocol``.  When leg A
    reads EOF, A will produce nothing more, so it is unregistered as B's
@@ -52,6 +53,28 @@ Invariants:
    Rejected: a wrapping protocol that strips the header (Twisted's
    ``HAProxyWrappingFactory``); it stays in the path of every later chunk.
 
+7. **Splice filters.**  A mode that must still look at one leg's bytes
+   after the splice (plain ``http://`` in ``http_connect``: forward the
+   request body up to its end, drop what follows) registers a *splice
+   filter* on that leg with :meth:`Leg.set_filter`: a callable given each
+   chunk the leg reads, returning the bytes to forward (``b""`` for none).
+   It sees every chunk from the moment it is set, the bytes held before the
+   splice included, and nothing else about the splice changes: the leg's
+   byte counter still counts what was read (before the filter), and EOF,
+   pressure and closing follow the rules above.  A leg without a filter
+   forwards through the bare ``write`` (no per-chunk test for a filter: the
+   filter's wrapper is put in place of the write only when one is set), so
+   filters cost the other legs nothing.
+
+8. **The fast path.**  Once joined, each leg forwards through
+   ``FastPath.writer`` (a direct send when nothing is queued) and each
+   transport reads through ``FastPath.reader`` (straight into the leg); see
+   :mod:`egressproxy.fastpath`.  When the fast path is off (``fast_path:
+   false``) or a Twisted name it needs is missing, these are
+   ``transport.write`` and Twisted's own ``doRead`` -> ``dataReceived``, and
+   every rule above holds the same way.  A splice made outside a service
+   (unit tests) uses :data:`~egressproxy.fastpath.ORDINARY`.
+
 Rejected alternative: resetting a ``TimeoutMixin`` timer per chunk for the
 idle timeout.  It costs a ``DelayedCall.reset`` on every read; comparing the
 byte counters every quarter of the timeout costs nothing per chunk and fires
@@ -68,8 +91,7 @@ from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from egressproxy.fastread import direct_reader
-from egressproxy.fastwrite import direct_writer
+from egressproxy.fastpath import ORDINARY, FastPath
 from egressproxy.sockopts import tune_tcp
 
 if TYPE_CHECKING:
@@ -81,6 +103,9 @@ LINGER = 30.0
 #: Bytes a client may deliver before its upstream is connected (the client
 #: leg is paused meanwhile, so this is only ever one read's worth).
 PENDING_LIMIT = 256 * 1024
+
+#: A splice filter (note 7): given a chunk one leg read, the bytes to forward (``b""``: none).
+SpliceFilter = Callable[[bytes], bytes]
 
 
 def unregister_producer(transport: ITransport) -> None:
@@ -117,6 +142,10 @@ class Leg(Protocol):
     lost = False
     #: While a preamble is read (note 6): told of an EOF instead of the peer.
     _preamble_eof: Callable[[], None] | None = None
+    #: This leg's splice filter (note 7); None: chunks are forwarded untouched.
+    filter: SpliceFilter | None = None
+    #: Once joined: the write that forwards to the other leg (direct or ``transport.write``).
+    _write: Callable[[bytes], None] | None = None
 
     def __init__(self, session: Session) -> None:
         self.session = session
@@ -143,6 +172,18 @@ class Leg(Protocol):
         self.forward = self._hold
         if rest:
             self._hold(rest)
+
+    def set_filter(self, filter: SpliceFilter | None) -> None:
+        """Pass this leg's chunks through ``filter`` from now on (note 7); None: untouched again."""
+        self.filter = filter
+        if self._write is not None:
+            self.forward = self._write if filter is None else self._filtered
+
+    def _filtered(self, data: bytes) -> None:
+        """``forward`` while a splice filter is set."""
+        out = self.filter(data)  # type: ignore[misc]
+        if out:
+            self._write(out)  # type: ignore[misc]
 
     def readConnectionLost(self) -> None:
         """EOF from this leg's peer socket: pass it on as a write-side shutdown."""
@@ -206,12 +247,13 @@ class UpstreamLeg(Leg):
         self.forward(data)
 
 
-def join(down: DownstreamLeg, up: UpstreamLeg) -> None:
+def join(down: DownstreamLeg, up: UpstreamLeg, fast_path: FastPath = ORDINARY) -> None:
     """Splice two connected legs: producers, pending bytes, early EOF, then resume.
 
     Called once the upstream is connected.  The client leg was paused while
     the upstream connected; it is resumed here, after everything it already
-    delivered has been written upstream in order.
+    delivered has been written upstream in order.  ``fast_path`` hands out
+    the writes and reads (note 8).
     """
     down.peer, up.peer = up, down
     down_transport, up_transport = down.transport, up.transport
@@ -219,14 +261,15 @@ def join(down: DownstreamLeg, up: UpstreamLeg) -> None:
     up_transport.registerProducer(down_transport, True)
     for leg, transport in ((down, up_transport), (up, down_transport)):
         for chunk in leg.pending:
-            transport.write(chunk)
+            transport.write(chunk if leg.filter is None else leg.filter(chunk))
         leg.pending = []
         leg.pending_size = 0
-        leg.forward = direct_writer(transport)
+        leg._write = fast_path.writer(transport)
+        leg.forward = leg._write if leg.filter is None else leg._filtered
     # From here on each chunk's route is fixed: let the transports hand
     # what they read straight to their legs.
-    direct_reader(down_transport, down, down.dataReceived)
-    direct_reader(up_transport, up, up.dataReceived)
+    fast_path.reader(down_transport, down, down.dataReceived)
+    fast_path.reader(up_transport, up, up.dataReceived)
     if down.read_closed:
         # The client already sent EOF: it reads no more input from us
         # beyond what the upstream replies, so shut upstream's write side.

@@ -18,6 +18,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from egressproxy import fastdispatch
+from egressproxy.fastpath import FastPath
 from egressproxy.fastread import ATTRIBUTE
 
 
@@ -71,17 +72,29 @@ class DispatchTests(SynchronousTestCase):
     def test_not_installed_on_other_reactors(self) -> None:
         """A reactor that is not Twisted's epoll reactor is left as it is."""
         memory = MemoryReactorClock()
-        self.assertFalse(fastdispatch.supported(memory))
-        self.assertFalse(fastdispatch.install(memory))
+        fast = FastPath()
+        self.assertEqual(
+            fast.check(memory),
+            ["dispatch: reactor twisted.internet.testing.MemoryReactorClock: is not Twisted's EPollReactor"],
+        )
+        self.assertNotIn("dispatch", fast.install(memory))
         self.assertNotIn("doIteration", vars(memory))
 
     def test_installed_once(self) -> None:
-        """Installing replaces the poll step once; a second install keeps it."""
-        self.assertTrue(fastdispatch.supported(self.reactor), "Twisted's EPollReactor changed shape")
-        self.assertTrue(fastdispatch.install(self.reactor))
+        """Two installs share one poll step; it goes back to Twisted's after the last uninstall."""
+        first, second = FastPath(), FastPath()
+        self.assertEqual(first.check(self.reactor), [], "Twisted's EPollReactor changed shape")
+        self.assertIn("dispatch", first.install(self.reactor))
         step = self.reactor.doIteration
-        self.assertTrue(fastdispatch.install(self.reactor))
+        self.assertNotEqual(step, fastdispatch.EPollReactor.doPoll.__get__(self.reactor))
+        self.assertEqual(second.check(self.reactor), [], "an installed shortcut must pass the check")
+        self.assertIn("dispatch", second.install(self.reactor))
         self.assertIs(self.reactor.doIteration, step)
+        first.uninstall()
+        self.assertIs(self.reactor.doIteration, step)
+        second.uninstall()
+        self.assertNotIn("doIteration", vars(self.reactor))
+        self.assertFalse(hasattr(self.reactor, fastdispatch.MARK))
 
     def test_marked_selectable_read_directly(self) -> None:
         """A readable selectable with a fast reader has it called instead of doRead."""

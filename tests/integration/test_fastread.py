@@ -11,7 +11,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 
-from egressproxy import fastdispatch
+from egressproxy.fastpath import FastPath
 from egressproxy.fastread import ATTRIBUTE, direct_reader
 from egressproxy.session import Session
 from tests.integration.proxy import InProcessProxy, inline, wait_until
@@ -59,10 +59,12 @@ class DirectReaderTests(TestCase):
     @inline
     async def test_chunks_go_to_deliver_and_eof_half_closes(self) -> None:
         """Chunks reach ``deliver`` (not the old chain); a FIN is a half-close, as before."""
-        fastdispatch.install(reactor)
+        fast = FastPath()
+        self.assertIn("dispatch", fast.install(reactor))
+        self.addCleanup(fast.uninstall)
         server, client = await self._pair()
         delivered = bytearray()
-        self.assertTrue(direct_reader(server.transport, server, delivered.extend))
+        self.assertTrue(fast.reader(server.transport, server, delivered.extend))
         self.assertTrue(callable(getattr(server.transport, ATTRIBUTE)))
         payload = bytes(range(256)) * 4096  # 1 MiB: many reads
         client.transport.write(payload)
@@ -85,7 +87,11 @@ class DirectReaderTests(TestCase):
         upstream = await connectProtocol(HostnameEndpoint(reactor, b"127.0.0.1", port), Recorder())
         self.addCleanup(upstream.transport.abortConnection)
         delivered = bytearray()
-        self.assertTrue(direct_reader(upstream.transport, upstream, delivered.extend))
+        self.assertFalse(direct_reader(upstream.transport, upstream, delivered.extend), "no wrapper was named")
+        fast = FastPath()
+        fast.install(reactor)
+        self.addCleanup(fast.uninstall)
+        self.assertTrue(fast.reader(upstream.transport, upstream, delivered.extend))
 
     @inline
     async def test_other_protocol_in_between_declines(self) -> None:
