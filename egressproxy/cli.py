@@ -6,9 +6,9 @@ over a library call. It does not run the proxy (``twistd egressproxy`` does,
 through the plugin and ``tap.py``) and it holds no configuration rules of its
 own (the ``config`` package does).
 
-Subcommands so far: ``check-config FILE``. Later ones (``doctor``, ``urls``)
-register the same way: a ``_add_<name>`` function that adds a subparser and sets
-``run`` to a function ``(args, io) -> int``.
+Subcommands: ``check-config FILE`` and ``urls``; each is a ``_add_<name>``
+function that adds a subparser and sets ``run`` to a function
+``(args, io) -> int``.  ``--version`` prints the installed version.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from typing import Callable, TextIO
 
 import attrs
 
+from egressproxy import __version__, urls
 from egressproxy.config import ConfigError, load_config
 
 
@@ -74,6 +75,56 @@ def _add_check_config(
     parser.set_defaults(run=_check_config)
 
 
+def _config_path(args: argparse.Namespace, io: _IO) -> str:
+    """``--config``, else ``$EGRESSPROXY_CONFIG``, else ``./egressproxy.yaml`` (as twistd egressproxy looks)."""
+    return args.config or io.environ.get("EGRESSPROXY_CONFIG") or "egressproxy.yaml"
+
+
+def _urls(args: argparse.Namespace, io: _IO) -> int:
+    """Print each listener's connection strings for consumer apps."""
+    path = _config_path(args, io)
+    try:
+        config = load_config(path, io.environ)
+    except ConfigError as e:
+        for error in e.errors:
+            print(error, file=io.stderr)
+        return 1
+    resolved = None
+    if args.app is not None:
+        try:
+            resolved = urls.resolve_app(args.app)
+        except OSError as e:
+            print(f"egressproxy: cannot resolve {args.app}.flycast ({e}); run this inside Fly's private "
+                  f"network (fly ssh console, or WireGuard), or give --address with the app's private IPv6 "
+                  f"from `fly ips private -a {args.app}`", file=io.stderr)
+            return 1
+    try:
+        proxy = urls.proxy_address(args.address, args.app, resolved)
+    except ValueError:
+        print(f"egressproxy: --address {args.address} is not a numeric address (libpq's hostaddr takes "
+              f"only numbers); use --app NAME to resolve NAME.flycast", file=io.stderr)
+        return 2
+    io.stdout.write(urls.render(config, proxy))
+    return 0
+
+
+def _add_urls(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = commands.add_parser(
+        "urls",
+        help="print the connection strings consumer apps should use, per listener",
+        description=(
+            "For each listener in the config, the strings apps paste: libpq keywords and URI "
+            "(DATABASE_URL), asyncpg, node-postgres, JDBC, the fly proxy laptop variant, and "
+            "HTTPS_PROXY / ALL_PROXY for forward proxies. Passwords are placeholders."
+        ),
+    )
+    parser.add_argument("--config", metavar="FILE", help="default: $EGRESSPROXY_CONFIG, then ./egressproxy.yaml")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--address", metavar="ADDR", help="the proxy's numeric address (e.g. its flycast IPv6)")
+    where.add_argument("--app", metavar="NAME", help="the proxy's Fly app: NAME.flycast is resolved for hostaddr")
+    parser.set_defaults(run=_urls)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="egressproxy",
@@ -82,10 +133,12 @@ def _parser() -> argparse.ArgumentParser:
             "under twistd: twistd -n egressproxy --config FILE"
         ),
     )
+    parser.add_argument("--version", action="version", version=f"egressproxy {__version__}")
     commands = parser.add_subparsers(
         dest="command", metavar="COMMAND", required=True
     )
     _add_check_config(commands)
+    _add_urls(commands)
     return parser
 
 
