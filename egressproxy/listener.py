@@ -7,7 +7,7 @@ the live ones, so a long-lived connection's traffic shows up while it flows.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from typing import Any, Callable
 
 from twisted.internet.interfaces import IAddress, IReactorTime
 from twisted.internet.protocol import Factory
@@ -22,9 +22,8 @@ from egressproxy.modes import registry
 from egressproxy.splice import DownstreamLeg
 from egressproxy.upstream import UpstreamCluster
 
-if TYPE_CHECKING:
-    from egressproxy.modes.base import Front
-    from egressproxy.session import Session
+#: A listener's session (``session.Session``), imported only where one is made: the session reads its listener.
+Session = Any
 
 
 #: Why a connection may be refused before anything is dialled.
@@ -72,10 +71,6 @@ class ListenerRuntime:
         self.mode_state: object | None = None
         #: The data path's shortcuts its splices use (see fastpath.py); set by the service.
         self.fast_path: FastPath = ORDINARY
-
-    def make_front(self, session: Session) -> Front:
-        """The front for a new session, by this listener's current mode."""
-        return registry.spec(self.config.mode).front(session)
 
     def state(self) -> object | None:
         """The mode's per-listener state (None if it keeps none), made by its spec on first use."""

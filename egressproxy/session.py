@@ -5,20 +5,15 @@ to), its outcome flags, its timers and its upstream dial; it ends exactly
 once, in :meth:`Session.finish`, which emits the access record and updates
 the listener's totals.  The byte path itself lives in ``splice.py``.
 
-On a listener with ``proxy_protocol``, the session first reads the client's
-PROXY header (parsed by ``proxyprotocol.py``): the header's source becomes
-the peer, and only then is the client admitted and the upstream dialled.
-A connection without a valid header within ``HEADER_TIMEOUT`` is closed with
-flag ``DPE`` and counted as rejected for reason ``proxy_protocol``.  With
-``proxy_protocol_trusted``, a peer outside that list is closed before a byte
-is read (``DPE``, reason ``proxy_protocol_untrusted``), so only the balancer
-can name a client.  Waiting connections are not counted per source (they
-have none yet); ``HEADER_TIMEOUT`` bounds how long each holds a descriptor.
+The conversation before the splice (a PROXY header on ``proxy_protocol``
+listeners, admission, then the mode's handshake) is run by the session's
+:class:`~egressproxy.datapath.driver.Driver`, which applies the mode's
+machine's actions to this session's legs, counters and flags.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any
 
 from twisted.internet.error import ConnectionAborted, ConnectionLost
 from twisted.internet.interfaces import IAddress, IDelayedCall
@@ -26,23 +21,15 @@ from twisted.python.failure import Failure
 
 from egressproxy.accesslog import AccessRecord
 from egressproxy.addrguard import FLAG as ADDRESS_FLAG
-from egressproxy.addresses import IPAddress, format_peer, peer_ip, source_allowed
+from egressproxy.addresses import IPAddress, format_peer
 from egressproxy.config import Address
-from egressproxy.proxyprotocol import HEADER_TIMEOUT, HeaderParser, InvalidProxyHeader
+from egressproxy.datapath.driver import Driver
 from egressproxy.sockopts import tune_tcp
 from egressproxy.splice import LINGER, DownstreamLeg, Leg, UpstreamLeg, join
 from egressproxy.upstream import UpstreamCluster, UpstreamConnectFailed, UpstreamDial
 
-if TYPE_CHECKING:
-    from egressproxy.listener import ListenerRuntime
-
-
-#: What a front tells a client refused at admission, by the listener's reason.
-_REFUSALS = {
-    "source": "source address not allowed",
-    "max_connections": "too many connections",
-    "max_connections_per_source": "too many connections from this source address",
-}
+#: The session's listener (``listener.ListenerRuntime``), not imported: the listener makes sessions.
+ListenerRuntime = Any
 
 
 class Session:
@@ -76,11 +63,8 @@ class Session:
         self._timers: list[IDelayedCall] = []
         self._idle_seen = 0
         self._idle_since = 0.0
-        #: Set while the PROXY header is awaited; None before and after.
-        self._header: HeaderParser | None = None
-        self._header_timer: IDelayedCall | None = None
-        #: The listener's mode: the conversation before the splice.
-        self.front = listener.make_front(self)
+        #: Runs the conversation before the splice (PROXY header, admission, the mode's machine).
+        self.driver = Driver(self)
 
     # -- outcome -----------------------------------------------------------
 
@@ -98,7 +82,7 @@ class Session:
             if timer.active():
                 timer.cancel()
         self._timers = []
-        self.front.finished()
+        self.driver.finished()
         end = self.reactor.seconds()
         record = AccessRecord(
             start=self.start,
@@ -118,28 +102,10 @@ class Session:
     # -- lifecycle -----------------------------------------------------------
 
     def downstream_connected(self, leg: DownstreamLeg) -> None:
-        """A client connected: admit it, then hold its bytes while the upstream connects.
-
-        On a ``proxy_protocol`` listener, admission waits for the header.
-        """
+        """A client connected: the driver reads any PROXY header, admits it and starts the mode."""
         self.down = leg
         tune_tcp(leg.transport, self.keepalive)
-        if self.listener.config.proxy_protocol:
-            if not self._proxy_header_sender_trusted():
-                self._refuse_untrusted_sender(leg)
-                return
-            self._await_proxy_header(leg)
-            return
-        self._admit(leg)
-
-    def _admit(self, leg: DownstreamLeg) -> None:
-        refusal = self.listener.admit(self)
-        if refusal is not None:
-            self.flag(refusal)
-            reason = _REFUSALS.get(self.listener.last_refusal, "too many connections")
-            self.front.refuse(refusal, reason)
-            return
-        self.front.start()
+        self.driver.client_connected(leg)
 
     def connect_upstream(
         self, cluster: UpstreamCluster, endpoints: list[Address] | None = None, checked: bool = False
@@ -148,7 +114,7 @@ class Session:
 
         ``checked``: the destination is the client's choice, so its addresses
         are checked against the listener's ``allow_addresses``/``deny_addresses``
-        and the built-in internal ranges (``addrguard``).  The front hears the
+        and the built-in internal ranges (``addrguard``).  The driver hears the
         outcome: ``upstream_connected`` or ``upstream_failed`` (flag ``IA``
         for a refused address).
         """
@@ -159,7 +125,7 @@ class Session:
         dial = cluster.dial(up, self._attempting, endpoints, policy)
         if dial is None:
             self.flag("UO")
-            self.front.upstream_failed("UO", "too many connections (circuit breaker open)")
+            self.driver.upstream_failed("UO", "too many connections (circuit breaker open)")
             return
         self.up = up
         self._dial = dial
@@ -169,11 +135,6 @@ class Session:
         """Join the two legs: from here on bytes flow untouched until the end."""
         join(self.down, self.up, self.listener.fast_path)  # type: ignore[arg-type]
         self._start_idle_timer()
-
-    def write_downstream(self, data: bytes) -> None:
-        """Answer the client during a handshake (counted as bytes sent)."""
-        self.bytes_sent += len(data)
-        self.down.transport.write(data)  # type: ignore[union-attr]
 
     def close_downstream(self) -> None:
         """Close the client's connection gracefully (flushing any answer)."""
@@ -197,7 +158,7 @@ class Session:
             )
         if self.dialled is not None:
             self.dialled = format_peer(up.transport.getPeer())  # type: ignore[union-attr]
-        self.front.upstream_connected(up)
+        self.driver.upstream_connected(up)
 
     def _upstream_failed(self, failure: Failure) -> None:
         self._dial = None
@@ -207,7 +168,7 @@ class Session:
         reason = failure.value.reason if error else "error"
         self.flag(flag)
         if flag == ADDRESS_FLAG:
-            # Refused by the address checks: the front names the class, never the address.
+            # Refused by the address checks: the machine names the class, never the address.
             self.refused_address = failure.value.detail
             self.listener.count_rejected(reason)
         self.listener.log.info(
@@ -217,17 +178,17 @@ class Session:
             peer=format_peer(self.peer_address),
             reason=failure.getErrorMessage(),
         )
-        self.front.upstream_failed(flag, reason)
+        self.driver.upstream_failed(flag, reason)
 
     def leg_lost(self, leg: Leg, reason: Failure) -> None:
         """One leg's connection is gone: close the other, finish when both are."""
         down, up = self.down, self.up
-        if self._header is not None:
+        if self.driver.awaiting_header:
             # Gone before its PROXY header: never admitted, but still a connection.
-            self._stop_reading_header()
+            self.driver.stop_reading_header()
             self.listener.count_unadmitted(None)
-        if leg is up and up.peer is None and down is not None and not down.lost and self.front.upstream_lost(reason):
-            # Before the splice, a front may answer the client itself (a
+        if leg is up and up.peer is None and down is not None and not down.lost and self.driver.upstream_lost(reason):
+            # Before the splice, a machine may answer the client itself (a
             # Postgres ErrorResponse, a TLS alert) rather than close it.
             self.cluster.released(self.upstream_address)
             self.up = None
@@ -274,87 +235,6 @@ class Session:
         """A client delivered more than a splice holds before connecting: drop it."""
         if self.down is not None:
             self.down.abort()
-
-    # -- PROXY protocol ------------------------------------------------------
-
-    def _proxy_header_sender_trusted(self) -> bool:
-        """Whether the TCP peer may send a PROXY header (``proxy_protocol_trusted``; any without it)."""
-        trusted = self.listener.config.proxy_protocol_trusted
-        return trusted is None or source_allowed(peer_ip(self.peer_address), trusted)
-
-    def _refuse_untrusted_sender(self, leg: DownstreamLeg) -> None:
-        """A peer outside ``proxy_protocol_trusted``: close before reading a byte, flag DPE.
-
-        Otherwise any client could name another source in a header and pass
-        ``allow_sources``.  Nothing is read, so the peer's own address is logged.
-        """
-        leg.transport.pauseProducing()  # type: ignore[attr-defined]
-        self.listener.count_unadmitted("proxy_protocol_untrusted")
-        self.flag("DPE")
-        self.listener.log.warn(
-            "{listener}: refused {peer}: not a trusted PROXY protocol sender (proxy_protocol_trusted)",
-            listener=self.listener.config.name,
-            peer=format_peer(self.peer_address),
-        )
-        leg.close()
-
-    def _await_proxy_header(self, leg: DownstreamLeg) -> None:
-        """Read the header before admission; the leg keeps reading meanwhile (splice note 6)."""
-        self._header = HeaderParser()
-        self.listener.awaiting.add(self)
-        self._header_timer = self.reactor.callLater(
-            HEADER_TIMEOUT, self._refuse_proxy_header, f"no complete PROXY header within {HEADER_TIMEOUT:g}s"
-        )
-        self._timers.append(self._header_timer)
-        leg.read_preamble(self._read_proxy_header, self._proxy_header_eof)
-
-    def _read_proxy_header(self, data: bytes) -> None:
-        """The leg's ``forward`` until the header is complete (or refused)."""
-        parser = self._header
-        if parser is None:
-            return  # refused already: the leg is closing
-        try:
-            result = parser.feed(data)
-        except InvalidProxyHeader as e:
-            self._refuse_proxy_header(str(e))
-            return
-        if result is None:
-            return
-        header, rest = result
-        self._stop_reading_header()
-        if header.source is not None:
-            self.peer_address = header.source
-        leg = self.down
-        assert leg is not None
-        # The bytes after the header go upstream first, as a mode's leftovers do.
-        leg.end_preamble(rest)
-        self._admit(leg)
-
-    def _proxy_header_eof(self) -> None:
-        if self._header is not None:
-            self._refuse_proxy_header("EOF before a complete PROXY header")
-
-    def _stop_reading_header(self) -> None:
-        self._header = None
-        self.listener.awaiting.discard(self)
-        if self._header_timer is not None and self._header_timer.active():
-            self._header_timer.cancel()
-        self._header_timer = None
-
-    def _refuse_proxy_header(self, why: str) -> None:
-        """No valid header (bad bytes, EOF, timeout): close without dialling, flag DPE."""
-        if self._header is None:
-            return
-        self._stop_reading_header()
-        self.listener.count_unadmitted("proxy_protocol")
-        self.flag("DPE")
-        self.listener.log.warn(
-            "{listener}: refused {peer}: {reason}",
-            listener=self.listener.config.name,
-            peer=format_peer(self.peer_address),
-            reason=why,
-        )
-        self.down.close()  # type: ignore[union-attr]
 
     # -- timers --------------------------------------------------------------
 

@@ -83,7 +83,7 @@ between 1x and 1.25x the configured idle time.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from typing import Any, Callable
 
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IHalfCloseableProtocol, ISSLTransport, ITransport
@@ -94,8 +94,8 @@ from zope.interface import implementer
 from egressproxy.fastpath import ORDINARY, FastPath
 from egressproxy.sockopts import tune_tcp
 
-if TYPE_CHECKING:
-    from egressproxy.session import Session
+#: A leg's session (``session.Session``), not imported: the session imports this module.
+Session = Any
 
 #: How long a leg may take to flush and close once its partner is gone.
 LINGER = 30.0

@@ -24,7 +24,8 @@ from egressproxy.config import Config, ConfigError, ListenAddress, ListenerConfi
 from egressproxy.config.context import ListenerKeys
 from egressproxy.config.syntax import Path
 from egressproxy.modes import registry
-from egressproxy.modes.base import Front
+from egressproxy.datapath.handshake import ClientBytes, ClientEOF, Close, Count, Flag, WriteClient
+from egressproxy.modes.base import Handshake
 from egressproxy.modes.registry import ModeKey, ModeOptions, ModeSpec
 from tests.helpers import Harness
 
@@ -59,32 +60,31 @@ class EchoState:
         self.greeted = 0
 
 
-class EchoFront(Front):
+class EchoFront(Handshake):
     """Say the greeting, then send every byte back until the client's EOF."""
 
-    def start(self) -> None:
-        session = self.session
-        options = session.listener.config.options
+    def start(self) -> list:
+        options = self.context.config.options
         assert isinstance(options, EchoOptions)
-        state = session.listener.state()
+        state = self.context.state
         assert isinstance(state, EchoState)
         state.greeted += 1
-        session.write_downstream(options.greeting.encode() + b"\r\n")
-        session.down.read_preamble(self._echo, session.close_downstream)  # type: ignore[union-attr]
+        return [WriteClient(options.greeting.encode() + b"\r\n")]
 
-    def _echo(self, data: bytes) -> None:
-        if data.strip() == b"rude":
-            self.session.listener.count_rejected("rude")
-            self.session.flag("NR")
-            self.session.close_downstream()
-            return
-        self.session.write_downstream(data)
+    def receive(self, event: object) -> list:
+        if isinstance(event, ClientEOF):
+            return [Close()]
+        if not isinstance(event, ClientBytes):
+            return []
+        if event.data.strip() == b"rude":
+            return [Count("rejected", "rude"), Flag("NR"), Close()]
+        return [WriteClient(event.data)]
 
 
 SPEC = ModeSpec(
     name="echo",
     options=EchoOptions,
-    front=EchoFront,
+    handshake=EchoFront,
     keys=(ModeKey("greeting", read_greeting, "hello"),),
     check=check_echo,
     state=EchoState,

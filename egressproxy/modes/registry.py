@@ -3,7 +3,7 @@
 A spec is everything the rest of the proxy knows of a mode: its name, its
 options class (the listener keys only it takes), how each of those keys is
 read from the file (with its messages), the rules tying them together, the
-front that holds the conversation before the splice, its per-listener
+handshake machine that holds the conversation before the splice, its per-listener
 state, and the refusal reasons it counts.  The config reader, the listener
 runtime and the metrics ask this module, never a mode by name, so adding a
 mode touches no other mode, no data-path module and no if-chain: a package
@@ -11,7 +11,7 @@ that calls :func:`register` (or a test that does, and :func:`unregister`
 after).
 
 The built-in modes are listed here by module path and imported on first
-use, at config-load time or when a listener first needs its front, so this
+use, at config-load time or when a listener first needs its machine, so this
 module imports nothing of the proxy itself: the modes depend on it, and on
 the config reader's types, never the other way round.
 """
@@ -90,8 +90,9 @@ class ModeSpec:
     name: str
     #: The options class: ``options(**values)`` from the keys read, ``options()`` the defaults.
     options: type[ModeOptions]
-    #: Builds the front for one session (its conversation before the splice).
-    front: Callable[[Any], Any]
+    #: Builds the handshake machine for one admitted session (its conversation
+    #: before the splice), given a ``datapath.handshake.Context``; see ``base.py``.
+    handshake: Callable[[Any], Any]
     #: The listener keys only this mode takes (beside the common ones), in reading order.
     keys: tuple[ModeKey, ...] = ()
     #: The rules tying this mode's keys (and the common ``cluster``): called

@@ -4,16 +4,16 @@ Both read a handshake from the client before anything is dialled: a
 request head, a SOCKS5 greeting and request.  This base class owns the
 parts that do not depend on the protocol:
 
-- **The handshake deadline.**  The client leg reads through
-  ``read_preamble`` (splice note 6) until the handshake is complete or
-  refused; the whole handshake must arrive within the mode's timeout,
+- **The handshake deadline.**  The machine reads the client's bytes
+  (``ClientBytes``) until the handshake is complete or refused; the whole
+  handshake must arrive within the mode's timeout (timer ``handshake``),
   measured from admission and never extended by a byte, so a client that
   trickles one byte a second (slowloris) is answered and closed on time.
 - **Policy before any dial.**  Credentials, then the destination against
   the allowlist that applies: the authenticated user's own
   ``allow_destinations`` if it has one (it replaces the listener's, it is
   not merged), else the listener's.  A refusal names the requested
-  destination in the access log (``session.upstream_name``) and is flagged
+  destination in the access log (``SetUpstreamName``) and is flagged
   ``UAEX`` (credentials) or ``NR`` (destination).  Malformed, oversized or
   unsupported requests and handshake timeouts are flagged ``DPE``.
 - **Report mode.**  With ``policy: report`` a destination outside the
@@ -23,66 +23,93 @@ parts that do not depend on the protocol:
   Credentials are never bypassed: report mode concerns the destination
   policy only.
 - **Who and where.**  The access line of a forward listener carries the
-  authenticated user (``session.user``) and the address the upstream
-  socket connected to (``session.dialled``, set by the session).
+  authenticated user (``SetUser``) and the address the upstream socket
+  connected to (set by the session).
 - **The dial.**  The destination is dialled through the listener's
   cluster: its breaker, ``connect_timeout``, attempts and keepalive apply
   per listener (a listener without ``cluster:`` has its own dynamic one).
   The client leg is paused meanwhile, as in tcp mode.
-- **Saying no.**  An answer is written, our write side is shut (FIN after
-  the answer) and the client's further bytes are read and dropped for up to
-  ``LINGER`` seconds or ``LINGER_BYTES`` bytes, then the connection is
-  closed.  Closing at once while the client is still sending (a 1 MiB
+- **Saying no.**  ``Refuse(how="linger")``: the driver writes the answer,
+  shuts our write side (FIN after the answer) and reads and drops the
+  client's further bytes for up to ``LINGER`` seconds or ``LINGER_BYTES``
+  bytes, then closes the connection.  Closing at once while the client is still sending (a 1 MiB
   header) would make our kernel answer with a reset, which can destroy the
   answer before the client reads it.
 
-Nothing here runs once the legs are spliced.
+The machine is pure (``datapath/handshake.py``); nothing here runs once
+the legs are spliced.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-from twisted.internet.interfaces import IDelayedCall
+import enum
+from typing import Any
 
 from egressproxy.addresses import format_peer
-from egressproxy.modes.base import Front
+from egressproxy.datapath.driver import LINGER, LINGER_BYTES
+from egressproxy.datapath.handshake import (
+    ArmTimer,
+    ClientBytes,
+    ClientEOF,
+    Close,
+    Connected,
+    Context,
+    Count,
+    Dial,
+    DialFailed,
+    DisarmTimer,
+    Flag,
+    Log,
+    Refuse,
+    SetUpstreamName,
+    SetUser,
+    TimerFired,
+)
+from egressproxy.modes.base import Handshake
 from egressproxy.modes.forward.destinations import Destination, allowed, rules_for
 from egressproxy.modes.forward.options import ForwardOptions
 from egressproxy.modes.forward.rules import User
 
-if TYPE_CHECKING:
-    from egressproxy.session import Session
+__all__ = ["LINGER", "LINGER_BYTES", "ForwardHandshake", "Phase"]
 
 #: What a listener reloaded into another mode allows: nothing.
 _NONE = ForwardOptions()
 
-#: How long a refused client may keep sending before it is closed.
-LINGER = 2.0
-#: How much a refused client may send meanwhile before it is closed.
-LINGER_BYTES = 4 * 1024 * 1024
+#: The handshake deadline's timer.
+DEADLINE = "handshake"
 
 
-class ForwardFront(Front):
-    """A front that reads a handshake, applies policy, dials, then splices."""
+class Phase(enum.Enum):
+    """Where a forward session is."""
 
-    def __init__(self, session: Session) -> None:
-        super().__init__(session)
-        self._timers: list[IDelayedCall] = []
-        self._deadline: IDelayedCall | None = None
-        #: The handshake is over (accepted, refused or timed out).
-        self.handshake_over = False
-        self._discarded = 0
+    #: Reading the client's handshake, under the deadline.
+    HANDSHAKE = "handshake"
+    #: The destination is dialled.
+    DIALLING = "dialling"
+    #: Answered no (or the client gave up): nothing more is read.
+    OVER = "over"
+    #: Handed to the splice.
+    SPLICED = "spliced"
+
+
+class ForwardHandshake(Handshake):
+    """A machine that reads a handshake, applies policy, dials, then splices."""
+
+    names_user = True
+
+    def __init__(self, context: Context) -> None:
+        super().__init__(context)
+        self.phase = Phase.HANDSHAKE
         #: The user whose credentials the client gave (None: no users configured, or not yet).
         self.user: User | None = None
-        # Forward listeners' access lines name the user and the address dialled.
-        session.user = "-"
-        session.dialled = "-"
+        #: The upstream as the access log names it.
+        self.upstream_name = "-"
+        self._out: list[Any] = []
 
     @property
     def options(self) -> ForwardOptions:
         """The listener's allowlist and users as configured now (a reload applies at once)."""
-        options = self.session.listener.config.options
+        options = self.context.config.options
         return options if isinstance(options, ForwardOptions) else _NONE
 
     # -- hooks for the modes ----------------------------------------------
@@ -103,59 +130,81 @@ class ForwardFront(Front):
         """Whether the client has sent any byte of its handshake yet."""
         raise NotImplementedError
 
-    # -- the Front interface ------------------------------------------------
+    def client_while_dialling(self, data: bytes) -> None:
+        """Client bytes read while dialling (only if the mode kept reading the client)."""
 
-    def start(self) -> None:
+    def connected(self, event: Connected) -> None:
+        """The upstream is connected: answer, then splice."""
+        raise NotImplementedError
+
+    def dial_failed(self, event: DialFailed) -> None:
+        """The dial failed: answer in the protocol's terms, then close."""
+        raise NotImplementedError
+
+    # -- the machine --------------------------------------------------------
+
+    def start(self) -> list[Any]:
         """Admitted: read the handshake, under a deadline."""
-        self._deadline = self.call_later(self.handshake_timeout(), self._timed_out)
-        self.session.down.read_preamble(self.handshake_received, self._handshake_eof)  # type: ignore[union-attr]
+        return [ArmTimer(self.handshake_timeout(), DEADLINE)]
 
-    def finished(self) -> None:
-        """The session ended (client gone, closed, aborted): no timer outlives it."""
-        for timer in self._timers:
-            if timer.active():
-                timer.cancel()
-        self._timers = []
+    def receive(self, event: Any) -> list[Any]:
+        self._out = out = []
+        phase = self.phase
+        if isinstance(event, ClientBytes):
+            if phase is Phase.HANDSHAKE:
+                self.handshake_received(event.data)
+            elif phase is Phase.DIALLING:
+                self.client_while_dialling(event.data)
+        elif isinstance(event, ClientEOF):
+            if phase is Phase.HANDSHAKE:
+                self._handshake_eof()
+            # While dialling, the splice replays the EOF once joined (splice note 5).
+        elif isinstance(event, TimerFired):
+            if event.name == DEADLINE and phase is Phase.HANDSHAKE:
+                self._timed_out()
+        elif isinstance(event, Connected):
+            if phase is Phase.DIALLING:
+                self.phase = Phase.SPLICED
+                self.connected(event)
+        elif isinstance(event, DialFailed):
+            if phase is Phase.DIALLING:
+                self.upstream_name = event.upstream
+                self.dial_failed(event)
+        return out
+
+    def emit(self, *actions: Any) -> None:
+        self._out.extend(actions)
 
     # -- helpers ------------------------------------------------------------
 
-    def call_later(self, delay: float, f) -> IDelayedCall:  # type: ignore[no-untyped-def]
-        """Schedule ``f``; cancelled when the session finishes."""
-        call = self.session.reactor.callLater(delay, f)
-        self._timers = [timer for timer in self._timers if timer.active()]
-        self._timers.append(call)
-        return call
-
-    def end_handshake(self) -> None:
+    def end_handshake(self, phase: Phase = Phase.OVER) -> None:
         """The handshake is complete or refused: stop its deadline."""
-        self.handshake_over = True
-        if self._deadline is not None and self._deadline.active():
-            self._deadline.cancel()
-        self._deadline = None
+        if self.phase is Phase.HANDSHAKE:
+            self.emit(DisarmTimer(DEADLINE))
+        self.phase = phase
 
     def _timed_out(self) -> None:
-        self._deadline = None
-        if self.handshake_over:
-            return
         self.end_handshake()
-        self.session.flag("DPE")
+        self.emit(Flag("DPE"))
         self.note(f"no complete handshake within {self.handshake_timeout():g}s", warn=True)
         self.handshake_timed_out()
 
     def _handshake_eof(self) -> None:
         """The client sent EOF before its handshake was complete: just close."""
-        if self.handshake_over:
-            return
         self.end_handshake()
         if self.handshake_started():
-            self.session.flag("DPE")
+            self.emit(Flag("DPE"))
             self.note("EOF before a complete handshake", warn=True)
-        self.session.close_downstream()
+        self.emit(Close())
+
+    def set_upstream_name(self, name: str) -> None:
+        self.upstream_name = name
+        self.emit(SetUpstreamName(name))
 
     def authenticated(self, user: User | None) -> bool:
         """Remember who the credentials belong to (None: nobody); True when someone."""
         self.user = user
-        self.session.user = "-" if user is None else user.name
+        self.emit(SetUser("-" if user is None else user.name))
         return user is not None
 
     def destination_allowed(self, dest: Destination, why: str) -> bool:
@@ -165,7 +214,7 @@ class ForwardFront(Front):
         Under ``policy: report`` a destination outside it is allowed, logged
         with what enforce would do, flagged ``RP`` and counted.
         """
-        config = self.session.listener.config
+        config = self.context.config
         if allowed(rules_for(self.options.allow_destinations, self.user), dest):
             return True
         if config.policy != "report":
@@ -173,7 +222,7 @@ class ForwardFront(Front):
         whose = "the listener's" if self.user is None or self.user.allow_destinations is None else (
             f"user {self.user.name}'s"
         )
-        self.session.upstream_name = str(dest)
+        self.set_upstream_name(str(dest))
         self.report_policy("destination", f"is not in {whose} allow_destinations ({why})")
         return True
 
@@ -182,46 +231,39 @@ class ForwardFront(Front):
 
         The line has the shape of the session's report for address checks.
         """
-        session = self.session
-        session.flag("RP")
-        session.listener.count_reported(reason)
-        session.listener.log.warn(
-            "{listener}: report mode: {peer} -> {upstream} {what}; enforce would refuse it",
-            listener=session.listener.config.name,
-            peer=format_peer(session.peer_address),
-            upstream=session.upstream_name,
-            what=what,
+        self.emit(
+            Flag("RP"),
+            Count("reported", reason),
+            Log("warn", "{listener}: report mode: {peer} -> {upstream} {what}; enforce would refuse it", (
+                ("listener", self.context.config.name), ("peer", format_peer(self.context.peer)),
+                ("upstream", self.upstream_name), ("what", what),
+            )),
         )
 
     def refuse_destination(self, dest: Destination, answer: bytes, why: str) -> None:
         """The destination is outside ``allow_destinations``: never dialled, flag NR."""
-        self.session.upstream_name = str(dest)
-        self.session.flag("NR")
+        self.set_upstream_name(str(dest))
+        self.emit(Flag("NR"))
         self.note(f"destination {dest} not allowed ({why})")
         self.answer_and_close(answer)
 
     def refuse_credentials(self, answer: bytes, why: str) -> None:
         """Missing or wrong credentials: flag UAEX (the password is never logged)."""
-        self.session.flag("UAEX")
+        self.emit(Flag("UAEX"))
         self.note(why)
         self.answer_and_close(answer)
 
     def refuse_request(self, answer: bytes, why: str) -> None:
         """A malformed, oversized or unsupported request: flag DPE."""
-        self.session.flag("DPE")
+        self.emit(Flag("DPE"))
         self.note(why, warn=True)
         self.answer_and_close(answer)
 
     def note(self, why: str, warn: bool = False) -> None:
         """Log a refusal, with the listener and peer (and never a credential)."""
-        session = self.session
-        log = session.listener.log
-        (log.warn if warn else log.info)(
-            "{listener}: refused {peer}: {reason}",
-            listener=session.listener.config.name,
-            peer=format_peer(session.peer_address),
-            reason=why,
-        )
+        self.emit(Log("warn" if warn else "info", "{listener}: refused {peer}: {reason}", (
+            ("listener", self.context.config.name), ("peer", format_peer(self.context.peer)), ("reason", why),
+        )))
 
     def dial(self, dest: Destination) -> None:
         """Hold the client's bytes and dial ``dest`` through the listener's cluster.
@@ -230,31 +272,11 @@ class ForwardFront(Front):
         an IP literal unless an IP/CIDR entry of the allowlist admitted it
         (the operator's explicit choice).
         """
-        session = self.session
-        session.down.transport.pauseProducing()  # type: ignore[union-attr]
         explicit = dest.ip is not None and allowed(rules_for(self.options.allow_destinations, self.user), dest)
-        session.connect_upstream(session.listener.cluster, [dest.address], checked=not explicit)
+        self.phase = Phase.DIALLING
+        self.emit(Dial(endpoints=(dest.address,), checked=not explicit, hold_client=True))
 
     def answer_and_close(self, answer: bytes) -> None:
         """Write ``answer``, shut our side, drop what the client still sends, then close."""
         self.end_handshake()
-        session = self.session
-        down = session.down
-        if down is None or down.lost:
-            return
-        if down.transport.disconnecting:  # type: ignore[union-attr]
-            return  # already being dropped (preamble overflow, drain)
-        if answer:
-            session.write_downstream(answer)
-        if down.read_closed:
-            session.close_downstream()
-            return
-        down.read_preamble(self._discard, session.close_downstream)
-        down.transport.resumeProducing()  # paused if a dial failed
-        down.transport.loseWriteConnection()  # type: ignore[attr-defined]
-        self.call_later(LINGER, session.close_downstream)
-
-    def _discard(self, data: bytes) -> None:
-        self._discarded += len(data)
-        if self._discarded > LINGER_BYTES:
-            self.session.close_downstream()
+        self.emit(Refuse(answer=answer, how="linger"))

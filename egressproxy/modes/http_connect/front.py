@@ -35,8 +35,8 @@ The conversation, for one client connection:
    are dropped, never forwarded: they may carry ``Proxy-Authorization``,
    and they may be meant for another origin.  RFC 9112 section 9.3.2 has
    clients retry those on a new connection.  Once spliced, the body's end
-   is found by the client leg's splice filter (``_request_body``, splice
-   note 7); the response direction has none and goes untouched.
+   is found by the client leg's splice filter (``_request_body``, given with
+   the ``Splice`` action; splice note 7); the response direction has none and goes untouched.
 
 *Bodies.*  A request whose framing turns out bad must be answered ``400``
 with nothing sent upstream, so no bad request ever reaches an origin in
@@ -63,9 +63,19 @@ then the connection is closed (see ``forward/front.py`` for how).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any
 
 from egressproxy.addrguard import FLAG as ADDRESS_FLAG
+from egressproxy.datapath.handshake import (
+    Connected,
+    Context,
+    DialFailed,
+    HoldClient,
+    Refuse,
+    Splice,
+    WriteClient,
+    WriteUpstream,
+)
 from egressproxy.modes.forward.destinations import (
     Destination,
     InvalidDestination,
@@ -73,7 +83,7 @@ from egressproxy.modes.forward.destinations import (
     parse_authority,
     parse_basic,
 )
-from egressproxy.modes.forward.front import ForwardFront
+from egressproxy.modes.forward.front import ForwardHandshake
 from egressproxy.modes.http_connect.httpreq import (
     CONNECTION_ESTABLISHED,
     BodyReader,
@@ -85,10 +95,9 @@ from egressproxy.modes.http_connect.httpreq import (
     response,
     split_absolute_http,
 )
-from egressproxy.splice import PENDING_LIMIT, UpstreamLeg
+from egressproxy.splice import PENDING_LIMIT
 
-if TYPE_CHECKING:
-    from egressproxy.session import Session
+__all__ = ["HEADER_TIMEOUT", "HttpConnectMachine"]
 
 #: Seconds a client has to send its whole request head (slowloris bound).
 HEADER_TIMEOUT = 10.0
@@ -105,11 +114,11 @@ _CONNECT_FAILURES = {
 }
 
 
-class HttpConnectFront(ForwardFront):
+class HttpConnectMachine(ForwardHandshake):
     """One client connection of an ``http_connect`` listener; see the module docstring."""
 
-    def __init__(self, session: Session) -> None:
-        super().__init__(session)
+    def __init__(self, context: Context) -> None:
+        super().__init__(context)
         self._parser = HeadParser()
         #: For plain http:// requests: the head to send the origin, the body's
         #: end, and body bytes read before the origin was connected.
@@ -127,11 +136,10 @@ class HttpConnectFront(ForwardFront):
     def handshake_started(self) -> bool:
         return self._parser.started
 
-    def refuse(self, flag: str, reason: str) -> None:
+    def refuse(self, flag: str, reason: str) -> list[Any]:
         """Admission refused (``RBAC``, ``OM``): answer 403 or 503 and close."""
         status = 403 if flag == "RBAC" else 503
-        self.session.write_downstream(response(status, reason))
-        self.session.close_downstream()
+        return [Refuse(answer=response(status, reason), how="close")]
 
     def handshake_timed_out(self) -> None:
         self.answer_and_close(response(408, f"no complete request within {HEADER_TIMEOUT:g}s"))
@@ -164,7 +172,7 @@ class HttpConnectFront(ForwardFront):
         except RequestError as e:
             self.refuse_request(response(e.status, e.reason), e.reason)
             return
-        self.session.upstream_name = str(dest)
+        self.set_upstream_name(str(dest))
         if self.options.users and not self._authenticated(head):
             why = "missing credentials" if not head.values("proxy-authorization") else "wrong credentials"
             self.refuse_credentials(response(407, "proxy credentials required", [PROXY_AUTHENTICATE]), why)
@@ -172,11 +180,9 @@ class HttpConnectFront(ForwardFront):
         if not self.destination_allowed(dest, head.method):
             self.refuse_destination(dest, response(403, f"destination {dest} is not allowed"), head.method)
             return
-        down = self.session.down
-        assert down is not None
         if head.method == "CONNECT":
             self.end_handshake()
-            down.end_preamble(rest)
+            self.emit(HoldClient(rest))
             self.dial(dest)
             return
         host = f"[{dest.host}]" if ":" in dest.host else dest.host
@@ -191,8 +197,7 @@ class HttpConnectFront(ForwardFront):
             return
         self.end_handshake()
         self._held = rest
-        # Body bytes wait here (the client is paused) until the origin is connected.
-        down.read_preamble(self._hold, self._eof_while_dialling)
+        # Body bytes wait here (the client is held) until the origin is connected.
         self.dial(dest)
 
     def _authenticated(self, head: RequestHead) -> bool:
@@ -206,34 +211,34 @@ class HttpConnectFront(ForwardFront):
 
     # -- the upstream ---------------------------------------------------------
 
-    def upstream_connected(self, up: UpstreamLeg) -> None:
-        session = self.session
+    def connected(self, event: Connected) -> None:
         if self._origin_head is None:
-            session.write_downstream(CONNECTION_ESTABLISHED)
-            session.splice()
+            self.emit(WriteClient(CONNECTION_ESTABLISHED), Splice())
             return
-        self._send_request(up)
+        self._send_request()
 
-    def upstream_failed(self, flag: str, reason: str) -> None:
-        if flag == ADDRESS_FLAG:
-            self.note(f"destination {self.session.upstream_name} {self.session.refused_address}")
-            self.answer_and_close(response(
-                403, f"destination {self.session.upstream_name} {self.session.refused_address}: not allowed"
-            ))
+    def dial_failed(self, event: DialFailed) -> None:
+        upstream = event.upstream
+        if event.flag == ADDRESS_FLAG:
+            self.note(f"destination {upstream} {event.detail}")
+            self.answer_and_close(response(403, f"destination {upstream} {event.detail}: not allowed"))
             return
-        if flag == "UO":
+        if event.flag == "UO":
             status, detail = 503, "too many connections to this proxy's destinations"
         else:
-            status = 504 if flag == "UT" else 502
-            detail = _CONNECT_FAILURES.get(reason, "cannot connect")
-        self.answer_and_close(response(status, f"{self.session.upstream_name}: {detail}"))
+            status = 504 if event.flag == "UT" else 502
+            detail = _CONNECT_FAILURES.get(event.reason, "cannot connect")
+        self.answer_and_close(response(status, f"{upstream}: {detail}"))
 
     # -- plain http:// ----------------------------------------------------------
 
-    def _hold(self, data: bytes) -> None:
+    def client_while_dialling(self, data: bytes) -> None:
+        """Body bytes while the origin connects are held; bytes after a whole chunked body are dropped."""
+        if self._body_checked:
+            return  # after the request (pipelining): dropped, see the module docstring
         self._held += data
         if len(self._held) > PENDING_LIMIT:
-            self.session.refuse_overlong_preamble()
+            self.emit(Refuse(how="abort"))
 
     def _collect_body(self, data: bytes) -> None:
         """A chunk of a chunked body read before the dial: checked, held, dialled once whole."""
@@ -254,33 +259,22 @@ class HttpConnectFront(ForwardFront):
         self._collecting = None
         self._body_checked = True
         self.end_handshake()
-        down = self.session.down
-        assert down is not None
         # What follows the body (a pipelined request) is dropped; an EOF waits for the splice.
-        down.read_preamble(self._after_request, self._eof_while_dialling)
         self.dial(dest)
 
-    def _eof_while_dialling(self) -> None:
-        """EOF while the origin connects: the splice replays it once joined (splice note 5)."""
-
-    def _send_request(self, up: UpstreamLeg) -> None:
+    def _send_request(self) -> None:
         """Write the rewritten head and the body so far, then splice with the client leg filtered.
 
         The rest of the body goes through the splice, past the client leg's
         splice filter (:meth:`_request_body`, splice note 7), which ends it
         at the body's last byte; EOF, pressure and closing are the splice's.
         """
-        session = self.session
-        down = session.down
         body = self._body
-        assert down is not None and body is not None and self._origin_head is not None
+        assert body is not None and self._origin_head is not None
         held, self._held = self._held, b""
         # A chunked body is whole and checked; a Content-Length one cannot be malformed.
         taken = len(held) if self._body_checked else body.feed(held)
-        up.transport.write(self._origin_head + held[:taken])
-        down.end_preamble(b"")
-        down.set_filter(self._request_body)
-        session.splice()
+        self.emit(WriteUpstream(self._origin_head + held[:taken]), Splice(client_filter=self._request_body))
 
     def _request_body(self, data: bytes) -> bytes:
         """The client leg's splice filter: the body up to its end; what follows (pipelining) dropped."""
@@ -289,6 +283,3 @@ class HttpConnectFront(ForwardFront):
         if body.done:
             return b""
         return data[:body.feed(data)]  # Content-Length: counting only, it cannot fail
-
-    def _after_request(self, data: bytes) -> None:
-        """Bytes after the request (pipelining), before the splice: dropped, see the module docstring."""

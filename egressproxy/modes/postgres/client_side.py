@@ -1,6 +1,6 @@
 """The postgres front's client half: its first packets, and TLS from it (``client_tls``).
 
-A mixin of :class:`~egressproxy.modes.postgres.front.PostgresFront`, which
+A mixin of :class:`~egressproxy.modes.postgres.front.PostgresMachine`, which
 holds the state these methods share (see its ``__init__``) and the ways of
 saying no; the upstream half is ``upstream_side.py``.
 """
@@ -8,18 +8,16 @@ saying no; the upstream half is ``upstream_side.py``.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from egressproxy.addresses import peer_ip
 from egressproxy.modes.postgres import pgwire, tlshello
 from egressproxy.modes.postgres.pgwire import ACCEPT, DECLINE, InitialPacket, ProtocolError
 from egressproxy.modes.postgres.problems import CLIENT_BUFFER_LIMIT, HANDSHAKE_TIMEOUT, Problem
 from egressproxy.modes.postgres.routing import match_route, route_address, valid_server_name
-from egressproxy.modes.postgres.state import send_cancel_copy
+from egressproxy.datapath.handshake import SendCopy, StartClientTLS
+from egressproxy.modes.postgres.state import CANCEL_LINGER, Client
 from egressproxy.modes.postgres.tlshello import ClientHello, HelloError
-
-if TYPE_CHECKING:
-    from egressproxy.splice import Leg
 
 __all__ = ["ClientSide"]
 
@@ -29,23 +27,12 @@ class ClientSide:
 
     # -- reading the client -----------------------------------------------------
 
-    def _take_held(self, leg: Leg) -> bytes:
-        """Bytes a leg held before this front read it (e.g. after a PROXY header)."""
-        held = b"".join(leg.pending)
-        leg.pending = []
-        leg.pending_size = 0
-        return held
-
     def _begin(self) -> None:
-        """Take the client leg's bytes from here on (and any it already held)."""
-        down = self.session.down
-        assert down is not None
-        self._buffer = bytearray(self._take_held(down))
-        down.read_preamble(self._client_data, self._client_eof)
+        """Read the client's bytes from here on (the driver feeds any it already held)."""
         self._read_packet()
 
     def _read_packet(self) -> None:
-        self._client = "packet"
+        self._client = Client.PACKET
         self._expect(pgwire.read_initial_packet, self._on_packet)
 
     def _expect(self, parse: Callable[[bytes], Any], then: Callable[[Any], None]) -> None:
@@ -57,10 +44,10 @@ class ClientSide:
 
     def _client_data(self, data: bytes) -> None:
         """The client leg's ``forward`` before the splice (never called after it)."""
-        if self._client == "relay":
+        if self._client is Client.RELAY:
             self._relay_client(data)
             return
-        if self._client == "done":
+        if self._client is Client.DONE:
             return
         self._buffer += data
         if len(self._buffer) > CLIENT_BUFFER_LIMIT:
@@ -84,7 +71,7 @@ class ClientSide:
 
     def _client_eof(self) -> None:
         """The client sent EOF before the splice: it has given up; close."""
-        if self._client == "done":
+        if self._client is Client.DONE:
             return
         self._close()
 
@@ -100,7 +87,7 @@ class ClientSide:
         self._disarm()
         if self._problem is None:
             self._reject("DPE", "protocol", f"protocol error: {why}")
-        if self._client in ("packet", "startup"):
+        if self._client in (Client.PACKET, Client.STARTUP):
             self._write(pgwire.error_response(
                 pgwire.SQLSTATE_PROTOCOL_VIOLATION, f"egressproxy: invalid startup packet: {why}"
             ))
@@ -127,14 +114,14 @@ class ClientSide:
                 self._client_error("second SSLRequest")
                 return
             self._ssl_seen = True
-            self._client = "ssl"
+            self._client = Client.SSL
             self._on_ssl_request(packet)
         elif kind == "cancel":
-            self._client = "cancel"
+            self._client = Client.CANCEL
             self._packet = packet
             self._on_cancel(packet)
         else:
-            self._client = "startup"
+            self._client = Client.STARTUP
             self._packet = packet
             self._on_startup(packet)
 
@@ -155,7 +142,7 @@ class ClientSide:
         else:
             # Single cluster: ask the server, then relay its answer.
             self._on_connected = self._relay_ssl_request
-            self._dial(self.listener.cluster)
+            self._dial(self.context.cluster)
 
     def _on_direct_tls(self) -> None:
         """A ClientHello instead of a packet: PostgreSQL 17's ``sslnegotiation=direct``."""
@@ -174,7 +161,7 @@ class ClientSide:
 
     def _refuse_direct_tls(self, hello: ClientHello) -> None:
         self._hello = hello
-        self._client = "hello"
+        self._client = Client.HELLO
         self._fail(Problem(
             "DPE", pgwire.SQLSTATE_PROTOCOL_VIOLATION, "this listener does not accept TLS from clients",
             tlshello.HANDSHAKE_FAILURE, hint="connect with sslmode=disable (the proxy opens TLS to the server)",
@@ -182,19 +169,19 @@ class ClientSide:
         ))
 
     def _read_hello(self, then: Callable[[ClientHello], None] | None = None) -> None:
-        self._client = "hello"
+        self._client = Client.HELLO
         self._expect(tlshello.parse_client_hello, then or self._on_hello)
 
     def _on_hello(self, hello: ClientHello) -> None:
         self._hello = hello
-        self._client = "hello"
+        self._client = Client.HELLO
         if self._problem is not None:
             self._answer()
             return
         if not self.options.routes:
             # Single cluster, direct TLS: the server must accept an SSLRequest first.
             self._on_connected = self._send_hello_after_ssl_request
-            self._dial(self.listener.cluster)
+            self._dial(self.context.cluster)
             return
         name = hello.server_name
         if name is None or not valid_server_name(name):
@@ -216,7 +203,7 @@ class ClientSide:
             return
         self._on_connected = self._send_hello_after_ssl_request
         if route.cluster is not None:
-            cluster = self.listener.named_cluster(route.cluster)
+            cluster = self.context.named_cluster(route.cluster)
             if cluster is None:
                 self._fail(Problem(
                     "NR", pgwire.SQLSTATE_CANNOT_CONNECT,
@@ -235,7 +222,7 @@ class ClientSide:
             return
         self._target_name = str(address)
         # The name came from the client: its addresses are checked (addrguard).
-        self._dial(self.listener.cluster, [address], checked=True)
+        self._dial(self.context.cluster, [address], checked=True)
 
     def _on_startup(self, packet: InitialPacket) -> None:
         if self._problem is not None:
@@ -252,12 +239,12 @@ class ClientSide:
                 reason="tls_required",
             ))
             return
-        self._target_name = f"cluster {self.listener.cluster.name}"
+        self._target_name = f"cluster {self.context.cluster.name}"
         if self.options.tls == "originate":
             self._on_connected = self._originate_ssl_request
         else:
             self._on_connected = self._send_startup
-        self._dial(self.listener.cluster)
+        self._dial(self.context.cluster)
 
     def _on_cancel(self, packet: InitialPacket) -> None:
         assert packet.cancel is not None
@@ -278,7 +265,7 @@ class ClientSide:
             return
         # A backend this process did not see (another proxy instance's, or
         # a session that ended): the cluster's server ignores unknown keys.
-        cluster = self.listener.cluster
+        cluster = self.context.cluster
         self._target_name = f"cluster {cluster.name}"
         if self.options.tls == "originate":
             self._up_tls = True  # the options are made per endpoint once connected
@@ -286,7 +273,7 @@ class ClientSide:
         self._dial(cluster)
 
     def _cancel_by_source(self, packet: bytes) -> None:
-        source = peer_ip(self.session.peer_address)
+        source = peer_ip(self.context.peer)
         targets = self.state.cancel_targets(source)
         if not targets:
             self._reject("NR", "no_route", "CancelRequest from a source with no live session: not routable by SNI")
@@ -294,7 +281,7 @@ class ClientSide:
             return
         first, *others = targets
         for target in others:
-            send_cancel_copy(packet, target)
+            self.emit(SendCopy(target.cluster, target.address, packet, CANCEL_LINGER))
         self._target_name = str(first.address)
         self._on_connected = self._send_cancel
         self._dial(first.cluster, [first.address])
@@ -302,23 +289,8 @@ class ClientSide:
     # -- TLS from the client, terminated here (client_tls) ------------------------
 
     def _start_client_tls(self, hello: bytes) -> None:
+        """End the client's TLS here; the ClientHello already read goes to the new TLS layer first."""
         assert self.options.client_tls is not None
-        try:
-            options = self.state.server_options(self.options.client_tls)
-        except Exception as e:  # unreadable files, bad PEM: the listener cannot speak TLS
-            self.log.error(
-                "{listener}: cannot load client_tls certificate: {error}", listener=self.config.name, error=e
-            )
-            self._client = "done"
-            self._reject("DPE", "protocol", "client_tls certificate unusable")
-            self.session.down.abort()  # type: ignore[union-attr]
-            return
-        down = self.session.down
-        assert down is not None
         self._client_tls = True
-        down.transport.startTLS(options)  # type: ignore[union-attr]
         self._read_packet()
-        if hello:
-            # The ClientHello already read goes to the new TLS layer first.
-            down.transport.protocol.dataReceived(hello)  # type: ignore[union-attr]
-
+        self.emit(StartClientTLS(self.options.client_tls, hello))

@@ -3,15 +3,9 @@
 from __future__ import annotations
 
 import attrs
-from OpenSSL import SSL
-from twisted.python.failure import Failure
 
+from egressproxy.datapath.support import tls_failure_text
 from egressproxy.modes.postgres import pgwire, tlshello
-
-try:  # service_identity is a hard dependency (twisted[tls]); its error type is what we map.
-    from service_identity import VerificationError
-except ImportError:  # pragma: no cover
-    VerificationError = ()  # type: ignore[assignment,misc]
 
 __all__ = [
     "CLIENT_BUFFER_LIMIT",
@@ -49,16 +43,3 @@ class Problem:
     hint: str | None = None
     detail: str | None = None
     reason: str | None = None
-
-
-
-def tls_failure_text(failure: Failure, server_name: str | None) -> str:
-    """A one-line reason for a TLS failure, as OpenSSL or service-identity put it."""
-    error = failure.value
-    if VerificationError and isinstance(error, VerificationError):
-        return f"the server's certificate is not valid for {server_name!r}"
-    if isinstance(error, SSL.Error):
-        reasons = [part[2] for part in (error.args[0] if error.args else []) if isinstance(part, tuple) and len(part) == 3]
-        return "; ".join(r for r in reasons if r) or str(error)
-    return failure.getErrorMessage()
-

@@ -1,8 +1,8 @@
-"""The ``postgres`` mode's spec: its options, keys, rules, front and per-listener state."""
+"""The ``postgres`` mode's spec: its options, keys, rules, machine and per-listener state."""
 
 from __future__ import annotations
 
-from egressproxy.modes.postgres.front import PostgresFront
+from egressproxy.modes.postgres.front import PostgresMachine
 from egressproxy.modes.postgres.options import PostgresOptions
 from egressproxy.modes.postgres.read import KEYS, check_postgres
 from egressproxy.modes.postgres.state import PostgresListenerState
@@ -13,13 +13,13 @@ __all__ = ["SPEC"]
 SPEC = ModeSpec(
     name="postgres",
     options=PostgresOptions,
-    front=PostgresFront,
+    handshake=PostgresMachine,
     keys=KEYS,
     check=check_postgres,
     # {sni} routes dial names their clients send.
     address_checks=True,
     state=PostgresListenerState,
-    # The reasons its front counts (no_route, tls_required, protocol,
+    # The reasons its machine counts (no_route, tls_required, protocol,
     # channel_binding) appear from their first occurrence, as they always
     # have; listing them here would export them at zero from the start.
     reject_reasons=(),

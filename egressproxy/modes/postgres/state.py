@@ -6,14 +6,12 @@ and kept across reloads, so a cancel still finds its backend.
 
 from __future__ import annotations
 
+import enum
 import re
 from typing import TYPE_CHECKING, Any
 
 import attrs
 from twisted.internet import ssl
-from twisted.internet.interfaces import IDelayedCall
-from twisted.internet.protocol import Protocol
-from twisted.python.failure import Failure
 
 from egressproxy.config.model import Address
 from egressproxy.modes.postgres import tlshello
@@ -24,7 +22,7 @@ if TYPE_CHECKING:
     from egressproxy.listener import ListenerRuntime
     from egressproxy.upstream import UpstreamCluster
 
-__all__ = ["CANCEL_LINGER", "MAX_CANCEL_FANOUT", "CancelTarget", "PostgresListenerState", "send_cancel_copy"]
+__all__ = ["CANCEL_LINGER", "MAX_CANCEL_FANOUT", "CancelTarget", "Client", "PostgresListenerState"]
 
 #: How many upstream endpoints one unmatched plaintext cancel may reach on
 #: an SNI-routed listener (the newest sessions of its source first).
@@ -33,6 +31,27 @@ MAX_CANCEL_FANOUT = 4
 #: close it, as libpq does.  Hanging up at once loses the cancel with some
 #: servers (PgBouncer before 1.19.1 drops it, or exits, on an early EOF).
 CANCEL_LINGER = 5.0
+
+
+class Client(enum.Enum):
+    """Where a postgres session's client conversation is."""
+
+    #: Reading an initial packet (SSLRequest, GSSENCRequest, startup, cancel, or a direct ClientHello).
+    PACKET = "packet"
+    #: An SSLRequest was read: answering it (and, refusing, reading the ClientHello for the alert).
+    SSL = "ssl"
+    #: Reading (or having read) the ClientHello.
+    HELLO = "hello"
+    #: A plaintext StartupMessage was read: dialling and sending it.
+    STARTUP = "startup"
+    #: A CancelRequest was read: delivering it.
+    CANCEL = "cancel"
+    #: Relaying the startup phase both ways until ReadyForQuery.
+    RELAY = "relay"
+    #: Handed to the splice.
+    SPLICED = "spliced"
+    #: Closing: nothing more is read.
+    DONE = "done"
 
 
 @attrs.frozen
@@ -133,36 +152,3 @@ class PostgresListenerState:
 
 def _pem_blocks(data: bytes) -> list[bytes]:
     return re.findall(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", data, re.S)
-
-
-
-class _CancelCopy(Protocol):
-    """Delivers one CancelRequest to an extra endpoint (no session, no log line).
-
-    Like libpq, it waits for the server to hang up (at most ``CANCEL_LINGER``).
-    """
-
-    def __init__(self, packet: bytes, cluster: UpstreamCluster, address: Address) -> None:
-        self.packet = packet
-        self.cluster = cluster
-        self.address = address
-        self._linger: IDelayedCall | None = None
-
-    def connectionMade(self) -> None:
-        self.transport.write(self.packet)
-        self._linger = self.cluster.reactor.callLater(CANCEL_LINGER, self.transport.loseConnection)
-
-    def dataReceived(self, data: bytes) -> None:
-        """A server says nothing to a cancel; anything it does say is dropped."""
-
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
-        if self._linger is not None and self._linger.active():
-            self._linger.cancel()
-        self.cluster.released(self.address)
-
-
-def send_cancel_copy(packet: bytes, target: CancelTarget) -> None:
-    """Send ``packet`` to ``target`` under its cluster's limits; failures only count there."""
-    dial = target.cluster.dial(_CancelCopy(packet, target.cluster, target.address), lambda address: None, [target.address])
-    if dial is not None:
-        dial.deferred.addErrback(lambda failure: None)

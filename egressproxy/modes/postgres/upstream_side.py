@@ -1,6 +1,6 @@
 """The postgres front's upstream half: dialling, the server's answers, the startup relay, cancels.
 
-A mixin of :class:`~egressproxy.modes.postgres.front.PostgresFront`, which
+A mixin of :class:`~egressproxy.modes.postgres.front.PostgresMachine`, which
 holds the state these methods share (see its ``__init__``) and the ways of
 saying no; the client half is ``client_side.py``.
 """
@@ -8,7 +8,6 @@ saying no; the client half is ``client_side.py``.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 from egressproxy.addresses import format_peer
 from egressproxy.config.model import Address
@@ -21,12 +20,13 @@ from egressproxy.modes.postgres.problems import (
     UPSTREAM_BUFFER_LIMIT,
     Problem,
 )
-from egressproxy.modes.postgres.state import CANCEL_LINGER, CancelTarget
-
-if TYPE_CHECKING:
-    from egressproxy.upstream import UpstreamCluster
+from egressproxy.datapath.handshake import Abort, Count, Flag, Log, StartUpstreamTLS, WriteUpstream
+from egressproxy.modes.postgres.state import CANCEL_LINGER, CancelTarget, Client
 
 __all__ = ["UpstreamSide"]
+
+
+LOG_NAMESPACE = "egressproxy.modes.postgres.PostgresFront"
 
 
 class UpstreamSide:
@@ -34,13 +34,9 @@ class UpstreamSide:
 
     # -- dialling and the upstream's answers -----------------------------------------
 
-    def _dial(self, cluster: UpstreamCluster, endpoints: list[Address] | None = None, checked: bool = False) -> None:
-        self._disarm()
-        self.session.connect_upstream(cluster, endpoints, checked)
-
     def _upstream_data(self, data: bytes) -> None:
         """The upstream leg's ``forward`` until the splice."""
-        if self._client == "relay":
+        if self._client is Client.RELAY:
             self._relay_upstream(data)
             return
         self._up_buffer += data
@@ -51,11 +47,6 @@ class UpstreamSide:
         if step is not None:
             self._up_step = None
             step()
-
-    def _upstream_eof(self) -> None:
-        up = self.session.up
-        if up is not None:
-            up.transport.loseConnection()  # its connectionLost reaches upstream_lost
 
     def _await_upstream(self, step: Callable[[], None], timeout: float = HANDSHAKE_TIMEOUT) -> None:
         """Run ``step`` once the upstream has sent a byte (or at once if it has)."""
@@ -69,7 +60,7 @@ class UpstreamSide:
         self._timer = None
         self._upstream_problem(Problem(
             "UT", pgwire.SQLSTATE_CANNOT_CONNECT,
-            f"{self.session.upstream_name} did not answer within {HANDSHAKE_TIMEOUT:g}s: "
+            f"{self._upstream} did not answer within {HANDSHAKE_TIMEOUT:g}s: "
             "is this proxy's egress IP on the database's allowlist?",
             tlshello.INTERNAL_ERROR, reason="no_answer",
         ), abort=True)
@@ -77,13 +68,10 @@ class UpstreamSide:
     def _consume_upstream(self, count: int) -> bytes:
         """Take bytes the proxy answers itself: they are not sent to the client."""
         taken, self._up_buffer = self._up_buffer[:count], self._up_buffer[count:]
-        self.session.bytes_sent -= len(taken)
         return taken
 
     def _write_up(self, data: bytes) -> None:
-        up = self.session.up
-        assert up is not None
-        up.transport.write(data)
+        self.emit(WriteUpstream(data))
 
     # Routed, or a direct-TLS client of a single cluster.
 
@@ -156,23 +144,13 @@ class UpstreamSide:
         self._await_upstream(self._start_relay)
 
     def _start_upstream_tls(self) -> bool:
-        """Start verified TLS on the upstream leg; False (client answered) if it cannot."""
-        address: Address = self.session.upstream_address
-        tls = self.session.cluster.config.tls
+        """Ask for verified TLS on the upstream leg (a ca_file that cannot be used comes back as TLSUnavailable)."""
+        address: Address = self._address
+        tls = self._cluster.config.tls
         server_name = (tls.server_name if tls else None) or address.host
-        try:
-            options = self.state.client_options(server_name, tls.ca_file if tls else None)
-        except Exception as e:  # an unreadable or empty ca_file
-            self._upstream_problem(Problem(
-                "UF", pgwire.SQLSTATE_CANNOT_CONNECT, f"cannot use the cluster's ca_file: {e}",
-                tlshello.INTERNAL_ERROR, reason="tls",
-            ))
-            return False
-        self._up_tls = options
+        self._up_tls = True
         self._up_server_name = server_name
-        up = self.session.up
-        assert up is not None
-        up.transport.startTLS(options)  # type: ignore[attr-defined]
+        self.emit(StartUpstreamTLS(server_name, tls.ca_file if tls else None))
         return True
 
     # After the server's first answer (originate, or a plaintext single cluster).
@@ -180,7 +158,7 @@ class UpstreamSide:
     def _start_relay(self) -> None:
         """Relay the startup phase both ways, watching for BackendKeyData, until ReadyForQuery."""
         self._disarm()
-        self._client = "relay"
+        self._client = Client.RELAY
         originate = self.options.tls == "originate"
         self._scanner = pgwire.StartupAnswer(strip_channel_binding=originate and not self._client_tls)
         self._arm(STARTUP_TIMEOUT, self._startup_timed_out)
@@ -195,9 +173,7 @@ class UpstreamSide:
             data = self._check_sasl_choice(data)
             if not data:
                 return
-        up = self.session.up
-        if up is not None and not up.lost:
-            up.transport.write(data)
+        self.emit(WriteUpstream(data))
 
     def _check_sasl_choice(self, data: bytes) -> bytes:
         """Hold the client's bytes until its SASLInitialResponse is whole; return what may go upstream."""
@@ -239,20 +215,15 @@ class UpstreamSide:
         scanner = self._scanner
         assert scanner is not None
         out = scanner.feed(data)
-        # Counted as sent when the leg received it; a rewritten or held message changes that.
-        self.session.bytes_sent += len(out) - len(data)
         if scanner.sasl and self.options.tls == "originate" and not self._sasl_checked:
             self._sasl_checked = self._sasl_check = True
-        down = self.session.down
-        assert down is not None
         if out:
-            down.transport.write(out)
+            self._write(out)
         if scanner.done:
             if scanner.error:
-                self.log.warn(
-                    "{listener}: stopped reading {upstream}'s startup answer: {error}",
-                    listener=self.config.name, upstream=self.session.upstream_name, error=scanner.error,
-                )
+                self.emit(Log("warn", "{listener}: stopped reading {upstream}'s startup answer: {error}", (
+                    ("listener", self.config.name), ("upstream", self._upstream), ("error", scanner.error),
+                ), LOG_NAMESPACE))
             if scanner.key is not None:
                 self._register_key(scanner.key)
             if scanner.refused is not None:
@@ -263,21 +234,21 @@ class UpstreamSide:
 
     def _login_refused(self, sqlstate: str, message: str) -> None:
         """The server refused the login (relayed as it was): flag and count its SQLSTATE."""
-        self.session.flag(f"LR:{sqlstate}")
-        self.listener.count_login_refused(sqlstate)
-        self.log.info(
-            "{listener}: {peer} -> {upstream}: login refused by the server: {sqlstate} {message}",
-            listener=self.config.name, peer=format_peer(self.session.peer_address),
-            upstream=self.session.upstream_name, sqlstate=sqlstate, message=message,
+        self.emit(
+            Flag(f"LR:{sqlstate}"),
+            Count("login_refused", sqlstate),
+            Log("info", "{listener}: {peer} -> {upstream}: login refused by the server: {sqlstate} {message}", (
+                ("listener", self.config.name), ("peer", format_peer(self.context.peer)),
+                ("upstream", self._upstream), ("sqlstate", sqlstate), ("message", message),
+            ), LOG_NAMESPACE),
         )
 
     def _startup_timed_out(self) -> None:
         self._timer = None
-        self.session.flag("DI")
-        self.session.abort()
+        self.emit(Flag("DI"), Abort())
 
     def _register_key(self, key: CancelKey) -> None:
-        target = CancelTarget(self.session.cluster, self.session.upstream_address, self._up_tls is not None)
+        target = CancelTarget(self._cluster, self._address, self._up_tls is not None)
         self._key, self._target = key, target
         self.state.backend_keys[key] = target
 

@@ -32,8 +32,9 @@ from __future__ import annotations
 from ipaddress import ip_address
 
 from egressproxy.addrguard import FLAG as ADDRESS_FLAG
+from egressproxy.datapath.handshake import Connected, DialFailed, HoldClient, Splice, WriteClient
 from egressproxy.modes.forward.destinations import InvalidDestination, authenticate, destination
-from egressproxy.modes.forward.front import ForwardFront
+from egressproxy.modes.forward.front import ForwardHandshake
 from egressproxy.modes.socks5.socks import (
     COMMAND_NOT_SUPPORTED,
     CONNECT,
@@ -48,7 +49,8 @@ from egressproxy.modes.socks5.socks import (
     Socks5Handshake,
     reply,
 )
-from egressproxy.splice import UpstreamLeg
+
+__all__ = ["HANDSHAKE_TIMEOUT", "Socks5Machine"]
 
 #: Seconds a client has for its whole handshake (greeting to request).
 HANDSHAKE_TIMEOUT = 10.0
@@ -62,15 +64,15 @@ _CONNECT_FAILURES = {
 }
 
 
-class Socks5Front(ForwardFront):
+class Socks5Machine(ForwardHandshake):
     """One client connection of a ``socks5`` listener; see the module docstring."""
 
-    def start(self) -> None:
+    def start(self) -> list:
         users = self.options.users
         check = (lambda name, password: self.authenticated(authenticate(users, name, password))) if users else None
         self._handshake = Socks5Handshake(check)
         self._started = False
-        super().start()
+        return super().start()
 
     def handshake_timeout(self) -> float:
         return HANDSHAKE_TIMEOUT
@@ -89,7 +91,7 @@ class Socks5Front(ForwardFront):
                 self.refuse_request(e.answer, e.reason)
             return
         if answer:
-            self.session.write_downstream(answer)
+            self.emit(WriteClient(answer))
         if request is not None:
             self.end_handshake()
             self._serve(request, self._handshake.rest)
@@ -103,26 +105,26 @@ class Socks5Front(ForwardFront):
         except InvalidDestination as e:
             self.refuse_request(reply(HOST_UNREACHABLE), f"bad destination: {e}")
             return
-        self.session.upstream_name = str(dest)
+        self.set_upstream_name(str(dest))
         if not self.destination_allowed(dest, "SOCKS5 CONNECT"):
             self.refuse_destination(dest, reply(NOT_ALLOWED), "SOCKS5 CONNECT")
             return
-        self.session.down.end_preamble(rest)  # type: ignore[union-attr]
+        self.emit(HoldClient(rest))
         self.dial(dest)
 
-    def upstream_connected(self, up: UpstreamLeg) -> None:
-        bound = up.transport.getHost()  # type: ignore[union-attr]
-        try:
-            answer = reply(SUCCEEDED, ip_address(bound.host), bound.port)
-        except (AttributeError, ValueError):
-            answer = reply(SUCCEEDED)
-        self.session.write_downstream(answer)
-        self.session.splice()
+    def connected(self, event: Connected) -> None:
+        answer = reply(SUCCEEDED)
+        if event.local is not None:
+            try:
+                answer = reply(SUCCEEDED, ip_address(event.local[0]), event.local[1])
+            except ValueError:
+                pass
+        self.emit(WriteClient(answer), Splice())
 
-    def upstream_failed(self, flag: str, reason: str) -> None:
-        if flag == ADDRESS_FLAG:
-            self.note(f"destination {self.session.upstream_name} {self.session.refused_address}")
+    def dial_failed(self, event: DialFailed) -> None:
+        if event.flag == ADDRESS_FLAG:
+            self.note(f"destination {event.upstream} {event.detail}")
             self.answer_and_close(reply(NOT_ALLOWED))
             return
-        code = GENERAL_FAILURE if flag == "UO" else _CONNECT_FAILURES.get(reason, GENERAL_FAILURE)
+        code = GENERAL_FAILURE if event.flag == "UO" else _CONNECT_FAILURES.get(event.reason, GENERAL_FAILURE)
         self.answer_and_close(reply(code))

@@ -1,4 +1,4 @@
-"""The ``socks5`` mode's spec: the forward proxies' keys and rules, this front.
+"""The ``socks5`` mode's spec: the forward proxies' keys and rules, this machine.
 
 Username/password authentication (RFC 1929) carries each in at most 255
 bytes, so longer ones are refused when the file is read.
@@ -9,7 +9,7 @@ from __future__ import annotations
 from egressproxy.modes.forward.options import ForwardOptions
 from egressproxy.modes.forward.read import Credentials, check_forward, forward_keys
 from egressproxy.modes.registry import ModeSpec, register
-from egressproxy.modes.socks5.front import Socks5Front
+from egressproxy.modes.socks5.front import Socks5Machine
 
 __all__ = ["MAX_CREDENTIAL", "SPEC"]
 
@@ -27,7 +27,7 @@ def _too_long(value: str) -> str | None:
 SPEC = ModeSpec(
     name="socks5",
     options=ForwardOptions,
-    front=Socks5Front,
+    handshake=Socks5Machine,
     keys=forward_keys(Credentials(name=_too_long, password=_too_long)),
     check=check_forward,
     address_checks=True,

@@ -1,6 +1,6 @@
 """The ``tcp`` mode's spec: forward bytes to the listener's cluster, untouched.
 
-The front is :class:`~egressproxy.modes.base.Front` itself: pause the
+The machine is :class:`~egressproxy.modes.base.Handshake` itself: hold the
 client, dial the cluster, splice, and say no by closing.  The mode has no
 keys of its own; it needs the common ``cluster``.
 """
@@ -12,7 +12,7 @@ from typing import Any
 import attrs
 
 from egressproxy.config.context import ListenerKeys
-from egressproxy.modes.base import Front
+from egressproxy.modes.base import Handshake
 from egressproxy.modes.registry import ModeOptions, ModeSpec, register
 
 __all__ = ["SPEC", "TcpOptions"]
@@ -28,5 +28,5 @@ def _check(keys: ListenerKeys, values: dict[str, Any]) -> None:
         keys.broken(keys.node, keys.path, "missing required key 'cluster'")
 
 
-SPEC = ModeSpec(name="tcp", options=TcpOptions, front=Front, check=_check)
+SPEC = ModeSpec(name="tcp", options=TcpOptions, handshake=Handshake, check=_check)
 register(SPEC)
