@@ -24,7 +24,7 @@ own sockets).
 
 Dials the operator configured (cluster endpoints, named-cluster routes) are
 not resolved here; they are still refused after connecting if they reached
-one of the proxy's own sockets (``upstream.py``), which ends the loop a
+one of the proxy's own sockets (``dial.py``), which ends the loop a
 ``PG_HOST=127.0.0.1`` behind a ``:5432`` listener would make.
 """
 

@@ -27,7 +27,7 @@ Rules:
 - Every ``interval`` seconds (the first round at :meth:`HealthChecker.start`)
   each endpoint is probed, unless its previous probe is still running: probes
   of one endpoint never overlap, a round is skipped for it instead.
-- Each probe dials like a connection does (``upstream.client_endpoint``: the ``hosts:`` pin first,
+- Each probe dials like a connection does (``dial.client_endpoint``: the ``hosts:`` pin first,
   like real connections) and has one deadline of ``timeout`` seconds, name
   resolution included.
 - ``unhealthy_threshold`` consecutive failures mark the endpoint unhealthy,
@@ -59,7 +59,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from egressproxy.config import Address
-from egressproxy.upstream import UpstreamCluster, client_endpoint
+from egressproxy.dial import client_endpoint
+from egressproxy.upstream import UpstreamCluster
 
 #: int32 message length 8, int32 SSLRequest code 1234 << 16 | 5679.
 SSL_REQUEST = struct.pack("!ii", 8, 80877103)

@@ -10,8 +10,9 @@ at all between scrapes.
 This module owns the metric names, help texts and labels (the contract in
 DESIGN.md) and the :class:`MetricsResource` that renders a registry.  It does
 not own the HTTP routing (which paths and methods are reachable): that is
-:mod:`egressproxy.admin`.  It never uses the global ``REGISTRY``: the registry
-is made by :func:`make_registry` and passed to whoever serves it.
+:mod:`egressproxy.admin` and :mod:`egressproxy.httpsite`.  It never uses the
+global ``REGISTRY``: the registry is made by :func:`make_registry` and passed
+to whoever serves it.
 
 Label values are listener, cluster and endpoint names and failure reasons,
 all bounded by the config and the code; client addresses never appear.

@@ -3,10 +3,11 @@
 Design notes
 ------------
 
-The service is built from one immutable :class:`Config` and owns the runtime
-objects it describes: one :class:`UpstreamCluster` (plus health checker) per
-cluster, one :class:`ListenerRuntime` plus bound port per listener, and the
-two HTTP services (metrics, admin).
+The service is built from one immutable :class:`Config`.  The runtime
+objects it describes (one :class:`UpstreamCluster` plus health checker per
+cluster, one :class:`ListenerRuntime` plus bound port per listener) are kept
+by :class:`~egressproxy.runtimes.ServiceRuntimes`, which this class extends
+with the lifecycle and the two HTTP services (metrics, admin).
 
 **Start.**  Every port is bound in ``privilegedStartService``, synchronously
 and before the reactor runs.  If any bind fails, the ports already bound are
@@ -33,14 +34,10 @@ which waits for the same drain:
 reactor stops after a drain; the drain is idempotent.
 
 **Reload** (SIGHUP, ``POST /reload``).  The file is read and validated whole;
-a bad file changes nothing (logged, counted, old config keeps serving).  New
-ports are bound before anything else changes, so a taken port also leaves
-the running config untouched.  Then: clusters and listeners that persist are
-updated *in place* (their counters, and so Prometheus counters, continue;
-live sessions keep the cluster they dialled); removed listeners stop
-accepting while their live connections carry on undisturbed; added ones
-start.  The admin and metrics addresses are fixed at start-up: a change to
-them is reported and needs a restart.
+a bad file changes nothing (logged, counted, old config keeps serving).  It
+is then applied in place (``runtimes.py``), new ports bound first.  The
+admin and metrics addresses are fixed at start-up: a change to them is
+reported and needs a restart.
 
 **Workers** (``workers: N``, :mod:`egressproxy.workers`).  Each process runs
 one of these services with its share of the limits (``_prepare``).  The main
@@ -49,9 +46,6 @@ ports are bound, adds their counters to its scrapes, passes a successful
 reload on, and stops them as its drain begins (its drain completes when they
 have exited).  The others report their counters and drain when the main
 worker goes away.
-
-Rejected alternative: building a fresh service tree per reload and swapping
-it in.  It would reset every counter and orphan live sessions' accounting.
 """
 
 from __future__ import annotations
@@ -64,48 +58,22 @@ from typing import IO, Callable, Mapping
 import attrs
 from twisted.application.service import MultiService
 from twisted.internet import defer
-from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.interfaces import IAddress, IListeningPort, IReactorCore
+from twisted.internet.interfaces import IListeningPort, IReactorCore
 from twisted.internet.task import deferLater
-from twisted.logger import Logger
-
 from twisted.web.server import Site
 
-from egressproxy.accesslog import make_access_logger
 from egressproxy.addrguard import OwnSockets
 from egressproxy.admin import ADMIN_TOKEN_ENV, admin_token, build_admin_site, build_metrics_site
-from egressproxy.addresses import format_host_port, peer_ip
-from egressproxy.config import ClusterConfig, Config, ConfigError, HealthCheckConfig, ListenerConfig, load_config
-from egressproxy.fastpath import FastPath
-from egressproxy.health import HealthChecker
+from egressproxy.config import Config, ConfigError, load_config
 from egressproxy.listen import ListenError, listen
-from egressproxy.listener import ListenerFactory, ListenerRuntime
 from egressproxy.metrics import make_registry
+from egressproxy.runtimes import ServiceRuntimes, format_bound
 from egressproxy.snapshot import Snapshot
-from egressproxy.upstream import UpstreamCluster
-from egressproxy.workers import (
-    STOP_GRACE,
-    ParentWatch,
-    SnapshotSender,
-    WorkerPool,
-    share_cluster_limits,
-    share_limits,
-    worker_argv,
-)
+from egressproxy.workers import STOP_GRACE, ParentWatch, SnapshotSender, WorkerPool, share_limits, worker_argv
 
 
-def format_bound(port: IListeningPort) -> str:
-    """The address a port really bound, e.g. ``[::]:5432`` or ``127.0.0.1:40123``."""
-    host = port.getHost()
-    if isinstance(host, (IPv4Address, IPv6Address)):
-        return format_host_port(host.host, host.port)
-    return str(getattr(host, "name", host))
-
-
-class EgressService(MultiService):
+class EgressService(ServiceRuntimes, MultiService):
     """Listeners, clusters, HTTP services and their lifecycle; see the module notes."""
-
-    log = Logger()
 
     def __init__(
         self,
@@ -116,7 +84,7 @@ class EgressService(MultiService):
         worker_index: int = 0,
         environ: Mapping[str, str] | None = None,
     ) -> None:
-        super().__init__()
+        MultiService.__init__(self)
         #: Where ``EGRESSPROXY_ADMIN_TOKEN`` is read, at start and on each successful reload.
         self.environ: Mapping[str, str] = os.environ if environ is None else environ
         #: The bearer token ``POST /drain`` and ``/reload`` need (None: none needed); see admin.py.
@@ -125,11 +93,16 @@ class EgressService(MultiService):
         self.worker_index = worker_index
         #: Fixed at start: a reload cannot change how many processes share the work.
         self.worker_count = config.workers
-        config = self._prepare(config)
-        self.config = config
-        self.reactor = reactor
-        self.access_stream = access_stream if access_stream is not None else sys.stdout
-        self.access_log = make_access_logger(self.access_stream, config.access_log.format)
+        self.http_ports: dict[str, IListeningPort] = {}
+        ServiceRuntimes.__init__(
+            self,
+            self._prepare(config),
+            reactor,
+            access_stream if access_stream is not None else sys.stdout,
+            config.workers,
+            # Never dialled, by any mode (``addrguard``): read live from ``ports`` and ``http_ports``.
+            OwnSockets(self._bound_sockets),
+        )
         self._reload_config = reload_config or (lambda: load_config(self.config.source, os.environ))
         #: Called once a drain requested over HTTP is complete (twistd: reactor.stop).
         self.exit_after_drain: Callable[[], None] | None = None
@@ -139,25 +112,6 @@ class EgressService(MultiService):
         self.spawn_workers = False
         self.pool: WorkerPool | None = None
         self._snapshots: SnapshotSender | None = None
-        #: Never dialled, by any mode (``addrguard``): read live from ``ports`` and ``http_ports``.
-        self.own_sockets = OwnSockets(self._bound_sockets)
-        self.clusters = {c.name: self._new_cluster(c) for c in config.clusters}
-        #: The data path's shortcuts (``fast_path``): checked and installed at start, shared by every listener.
-        self.fast_path = FastPath()
-        #: Per listener without a ``cluster``: the limits for the destinations it picks.
-        self.dynamic: dict[str, UpstreamCluster] = {}
-        self.listeners = {
-            l.name: ListenerRuntime(l, self._cluster_for(l, self.clusters), reactor, self.access_log)
-            for l in config.listeners
-        }
-        for runtime in self.listeners.values():
-            runtime.named_cluster = self.clusters_get
-            runtime.fast_path = self.fast_path
-        #: Listeners removed by a reload whose connections are still live.
-        self.retired: list[ListenerRuntime] = []
-        self.ports: dict[str, IListeningPort] = {}
-        self.http_ports: dict[str, IListeningPort] = {}
-        self.checkers: dict[str, object] = {}
         self.reloads = {"success": 0, "error": 0}
         self.draining = False
         self._bound = False
@@ -176,52 +130,9 @@ class EgressService(MultiService):
         """Serving: every listener bound and no drain begun."""
         return self._bound and not self.draining
 
-    def live_sessions(self) -> int:
-        """Live connections, admitted or still awaiting a PROXY header."""
-        runtimes = list(self.listeners.values()) + self.retired
-        return sum(r.active + len(r.awaiting) for r in runtimes)
-
-    def is_own_upstream(self, address: IAddress) -> bool:
-        """Whether ``address`` is the local end of one of this worker's live upstream connections.
-
-        The HTTP services refuse such peers: the request came through the
-        proxy itself.  It costs one ``getsockname`` per live upstream
-        connection, per HTTP request (as a scrape already sums every live
-        session's bytes).  Other workers' connections are not seen
-        (``workers: N``): the address guard on dials is the first line there.
-        """
-        ip = peer_ip(address)
-        if ip is None:
-            return False
-        port = address.port  # type: ignore[attr-defined]
-        for runtime in list(self.listeners.values()) + self.retired:
-            for session in runtime.sessions:
-                up = session.up
-                transport = up.transport if up is not None and not up.lost else None
-                if transport is None:
-                    continue
-                local = transport.getHost()
-                if getattr(local, "port", None) == port and peer_ip(local) == ip:
-                    return True
-        return False
-
-    def all_clusters(self) -> dict[str, UpstreamCluster]:
-        """Configured and dynamic clusters, by the name metrics and admin show."""
-        return {**self.clusters, **{c.name: c for c in self.dynamic.values()}}
-
     def worker_snapshots(self) -> list[Snapshot]:
         """The other workers' counters, for the metrics collector (main worker only)."""
         return self.pool.snapshots() if self.pool is not None else []
-
-    def clusters_get(self, name: str) -> UpstreamCluster | None:
-        """The configured cluster called ``name`` now (reloads included), else None."""
-        return self.clusters.get(name)
-
-    def _new_cluster(self, config, label: str | None = None) -> UpstreamCluster:  # type: ignore[no-untyped-def]
-        # Pins are looked up in the current config, so a reload's hosts: apply.
-        cluster = UpstreamCluster(config, self.reactor, lambda host: self.config.pinned_address(host), label)
-        cluster.own = self.own_sockets
-        return cluster
 
     def _bound_sockets(self) -> list[tuple[str, int]]:
         """(host, port) of every socket this process listens on now: listeners, admin, metrics."""
@@ -232,21 +143,6 @@ class EgressService(MultiService):
             if host is not None:
                 bound.append((host, address.port))
         return bound
-
-    def _cluster_for(self, listener: ListenerConfig, clusters: dict[str, UpstreamCluster]) -> UpstreamCluster:
-        """The listener's cluster, or its dynamic one (default limits, ``NAME.dynamic`` in metrics).
-
-        A dynamic cluster has no endpoints of its own: its front dials the
-        destinations it chose, under the cluster's breaker and timeouts,
-        which therefore apply per listener.
-        """
-        if listener.cluster is not None:
-            return clusters[listener.cluster]
-        if listener.name not in self.dynamic:
-            config = ClusterConfig(name=listener.name, endpoints=(), health_check=HealthCheckConfig(kind="none"))
-            config = share_cluster_limits(config, self.worker_count)
-            self.dynamic[listener.name] = self._new_cluster(config, f"{listener.name}.dynamic")
-        return self.dynamic[listener.name]
 
     # -- start --------------------------------------------------------------
 
@@ -266,22 +162,6 @@ class EgressService(MultiService):
             raise SystemExit(f"egressproxy: {e}") from None
         self._bound = True
         super().privilegedStartService()
-
-    def _bind_listener(self, runtime: ListenerRuntime) -> IListeningPort:
-        try:
-            port = listen(
-                self.reactor, runtime.config.listen, ListenerFactory(runtime), reuse_port=self.worker_count > 1
-            )
-        except ListenError as e:
-            raise ListenError(f"listener {runtime.config.name!r}: {e}") from None
-        self.log.info(
-            "listener {name} ({mode}) listening on {address} -> cluster {cluster}",
-            name=runtime.config.name,
-            mode=runtime.config.mode,
-            address=format_bound(port),
-            cluster=runtime.cluster.name,
-        )
-        return port
 
     def _bind_http(self) -> None:
         """Bind the metrics and admin HTTP services, if configured."""
@@ -354,21 +234,6 @@ class EgressService(MultiService):
         signal.signal(signal.SIGINT, on(self.request_drain))
         signal.signal(signal.SIGHUP, on(self.reload))
 
-    def _start_checkers(self, clusters: dict[str, UpstreamCluster]) -> None:
-        for name, cluster in clusters.items():
-            checker = HealthChecker(cluster, self.reactor)
-            checker.start()
-            self.checkers[name] = checker
-
-    def _stop_checkers(self, names: list[str]) -> defer.Deferred[None]:
-        """Stop these clusters' checkers; fires once their probe connections are closed."""
-        stopping = []
-        for name in names:
-            checker = self.checkers.pop(name, None)
-            if checker is not None:
-                stopping.append(checker.stop())
-        return defer.gatherResults(stopping).addCallback(lambda _: None)
-
     # -- drain and stop -----------------------------------------------------
 
     def request_drain(self) -> None:
@@ -431,14 +296,6 @@ class EgressService(MultiService):
                 return
             await deferLater(self.reactor, step, lambda: None)
 
-    def abort_sessions(self, flag: str | None = None) -> None:
-        """Drop every live connection now, marking each with ``flag`` if given."""
-        for runtime in list(self.listeners.values()) + self.retired:
-            for session in list(runtime.sessions) + list(runtime.awaiting):
-                if flag:
-                    session.flag(flag)
-                session.abort()
-
     def stopService(self) -> defer.Deferred[None]:
         d = self.drain()
         d.addCallback(lambda _: self.fast_path.uninstall())
@@ -451,6 +308,7 @@ class EgressService(MultiService):
         """Re-read the config file and apply it; (True, summary) or (False, why not)."""
         if self.draining:
             return False, "draining: reload refused"
+        old = self.config
         try:
             loaded = self._reload_config()
             summary = self._apply(self._prepare(loaded))
@@ -458,6 +316,12 @@ class EgressService(MultiService):
             self.reloads["error"] += 1
             self.log.error("reload failed; the running config stays in force:\n{error}", error=str(e))
             return False, str(e)
+        new = self.config
+        if (new.admin, new.metrics) != (old.admin, old.metrics):
+            self.log.warn("admin and metrics addresses changed: that takes a restart")
+        if new.fast_path != old.fast_path and self.running:
+            # Connections spliced from now on follow the new setting; live ones keep theirs.
+            self.fast_path.install(self.reactor, new.fast_path)
         self.reloads["success"] += 1
         token = admin_token(self.environ)
         if token != self.admin_token:
@@ -470,92 +334,3 @@ class EgressService(MultiService):
         if self.pool is not None:
             self.pool.signal(signal.SIGHUP)
         return True, summary
-
-    def _apply(self, new: Config) -> str:
-        old = self.config
-        old_listeners = {l.name: l for l in old.listeners}
-        new_listeners = {l.name: l for l in new.listeners}
-        added = [n for n in new_listeners if n not in old_listeners]
-        removed = [n for n in old_listeners if n not in new_listeners]
-        rebound = [
-            n for n in new_listeners
-            if n in old_listeners and new_listeners[n].listen != old_listeners[n].listen
-        ]
-        kept = [n for n in new_listeners if n in old_listeners]
-        changed_clusters = []
-
-        # 1. Clusters: new runtimes for new ones; persisting ones are
-        #    reconfigured only after the binds below succeed.
-        new_clusters = {c.name: c for c in new.clusters}
-        fresh = {name: self._new_cluster(c) for name, c in new_clusters.items() if name not in self.clusters}
-        cluster_of = {**self.clusters, **fresh}
-
-        # 2. Bind every new address first: a failure leaves all as it was.
-        bound: dict[str, IListeningPort] = {}
-        runtimes: dict[str, ListenerRuntime] = {}
-        try:
-            for name in added:
-                runtimes[name] = ListenerRuntime(
-                    new_listeners[name], self._cluster_for(new_listeners[name], cluster_of), self.reactor,
-                    self.access_log,
-                )
-                runtimes[name].named_cluster = self.clusters_get
-                runtimes[name].fast_path = self.fast_path
-                bound[name] = self._bind_listener(runtimes[name])
-            for name in rebound:
-                factory = ListenerFactory(self.listeners[name])
-                try:
-                    bound[name] = listen(self.reactor, new_listeners[name].listen, factory)
-                except ListenError as e:
-                    raise ListenError(f"listener {name!r}: {e}") from None
-        except ListenError:
-            for port in bound.values():
-                port.stopListening()
-            raise
-
-        # 3. Commit.
-        self.config = new
-        if new.access_log != old.access_log:
-            self.access_log = make_access_logger(self.access_stream, new.access_log.format)
-        for name, cluster_config in new_clusters.items():
-            runtime = cluster_of[name]
-            if name in self.clusters and runtime.config != cluster_config:
-                runtime.reconfigure(cluster_config)
-                changed_clusters.append(name)
-        gone_clusters = [name for name in self.clusters if name not in new_clusters]
-        self._stop_checkers(gone_clusters + changed_clusters)
-        self.clusters = {name: cluster_of[name] for name in new_clusters}
-        for name in kept:
-            runtime = self.listeners[name]
-            runtime.config = new_listeners[name]
-            runtime.cluster = self._cluster_for(new_listeners[name], self.clusters)
-            runtime.access_log = self.access_log
-        for name in rebound:
-            old_port = self.ports.pop(name)
-            old_port.stopListening()
-            self.ports[name] = bound[name]
-        for name in added:
-            self.listeners[name] = runtimes[name]
-            self.ports[name] = bound[name]
-        for name in removed:
-            self.dynamic.pop(name, None)
-            runtime = self.listeners.pop(name)
-            self.ports.pop(name).stopListening()
-            if runtime.sessions or runtime.awaiting:
-                self.retired.append(runtime)
-        self.retired = [r for r in self.retired if r.sessions or r.awaiting]
-        self._start_checkers({n: self.clusters[n] for n in list(fresh) + changed_clusters})
-        if (new.admin, new.metrics) != (old.admin, old.metrics):
-            self.log.warn("admin and metrics addresses changed: that takes a restart")
-        if new.fast_path != old.fast_path and self.running:
-            # Connections spliced from now on follow the new setting; live ones keep theirs.
-            self.fast_path.install(self.reactor, new.fast_path)
-        parts = [
-            f"{len(added)} listener(s) added" if added else "",
-            f"{len(removed)} removed" if removed else "",
-            f"{len(rebound)} rebound" if rebound else "",
-            f"{len(fresh)} cluster(s) added" if fresh else "",
-            f"{len(changed_clusters)} cluster(s) changed" if changed_clusters else "",
-            f"{len(gone_clusters)} cluster(s) removed" if gone_clusters else "",
-        ]
-        return ", ".join(p for p in parts if p) or "no changes"

@@ -49,11 +49,12 @@ import json
 import os
 import signal
 import sys
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable, Protocol
 
 import attrs
 from twisted.internet import defer, error, main
 from twisted.internet.abstract import FileDescriptor
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -61,10 +62,7 @@ from twisted.python.failure import Failure
 
 from egressproxy import snapshot
 from egressproxy.config import ClusterConfig, Config
-from egressproxy.snapshot import Snapshot
-
-if TYPE_CHECKING:
-    from egressproxy.service import EgressService
+from egressproxy.snapshot import Snapshot, SnapshotSource
 
 #: The descriptor a child writes its snapshots to.
 SNAPSHOT_FD = 3
@@ -264,6 +262,16 @@ class WorkerPool:
 # -- a child worker's side -----------------------------------------------------
 
 
+class CountedService(SnapshotSource, Protocol):
+    """What a child's :class:`SnapshotSender` needs of its service: the counters and a clock.
+
+    ``EgressService`` provides it; naming it here keeps this module below the
+    service (which imports it) rather than beside it in an import cycle.
+    """
+
+    reactor: IReactorTime
+
+
 class SnapshotSender:
     """Writes the service's counters to the main worker once a second, never blocking.
 
@@ -272,7 +280,7 @@ class SnapshotSender:
     pending is skipped (the next supersedes it anyway).
     """
 
-    def __init__(self, service: EgressService, fd: int = SNAPSHOT_FD) -> None:
+    def __init__(self, service: CountedService, fd: int = SNAPSHOT_FD) -> None:
         self.service = service
         self.fd = fd
         self.pending = b""

@@ -16,8 +16,9 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from egressproxy.addrguard import AddressPolicy, DialGuard, OwnSockets, is_local_address
 from egressproxy.config import Address
+from egressproxy.dial import UpstreamConnectFailed
 from egressproxy.internal import internal_class
-from egressproxy.upstream import UpstreamCluster, UpstreamConnectFailed
+from egressproxy.upstream import UpstreamCluster
 from tests.helpers import cluster_config
 
 

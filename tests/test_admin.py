@@ -16,16 +16,8 @@ from twisted.web.server import Site
 from twisted.web.test._util import _render
 from twisted.web.test.requesthelper import DummyRequest
 
-from egressproxy.admin import (
-    ADMIN_TOKEN_ENV,
-    HTTP_MAX_CONNECTIONS,
-    HTTP_TIMEOUT,
-    QuietSite,
-    Routes,
-    admin_token,
-    build_admin_site,
-    build_metrics_site,
-)
+from egressproxy.admin import ADMIN_TOKEN_ENV, admin_token, build_admin_site, build_metrics_site
+from egressproxy.httpsite import HTTP_MAX_CONNECTIONS, HTTP_TIMEOUT, QuietSite, Routes
 from egressproxy.listener import REJECT_REASONS
 from egressproxy.metrics import make_registry
 from tests.test_metrics import FakeService, busy_service

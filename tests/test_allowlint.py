@@ -15,13 +15,12 @@ from twisted.trial.unittest import SynchronousTestCase
 from egressproxy.allowlint import (
     Entry,
     Finding,
-    OwnSocket,
     check_listener,
     lint_allow_addresses,
     lint_allowlist,
-    own_socket_hits,
 )
 from egressproxy.modes.forward.parse import parse_destination as _parse_destination
+from egressproxy.ownsocket import OwnSocket, own_socket_hits
 from egressproxy.internal import (
     INTERNAL_NETWORKS,
     INTERNAL_RANGES,

@@ -17,9 +17,9 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from egressproxy import snapshot, workers
 from egressproxy.config import Config, parse_config
+from egressproxy.dial import CONNECT_FAILURE_REASONS
 from egressproxy.listener import REJECT_REASONS
 from egressproxy.service import EgressService
-from egressproxy.upstream import CONNECT_FAILURE_REASONS
 from egressproxy.workers import (
     MAX_SNAPSHOT_LINE,
     RESTART_DELAY,

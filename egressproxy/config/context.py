@@ -14,10 +14,10 @@ from collections.abc import Callable, Mapping
 import attrs
 import yaml
 
-from egressproxy.allowlint import OwnSocket
 from egressproxy.config.model import Address, ListenAddress, ListenerConfig
 from egressproxy.config.reader import FieldReader, Fields, Named, Reader
 from egressproxy.config.syntax import Path
+from egressproxy.ownsocket import OwnSocket
 
 __all__ = ["FileFacts", "ListenerCheck", "ListenerKeys"]
 

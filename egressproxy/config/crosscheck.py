@@ -9,12 +9,12 @@ from __future__ import annotations
 import difflib
 from ipaddress import ip_address
 
-from egressproxy.allowlint import OwnSocket
 from egressproxy.config.context import FileFacts
 from egressproxy.config.model import ListenAddress
 from egressproxy.config.reader import Named, Reader
 from egressproxy.config.syntax import ip_literal
 from egressproxy.config.yamlnodes import line, render_path
+from egressproxy.ownsocket import OwnSocket
 
 __all__ = [
     "check_cluster_refs",
