@@ -14,8 +14,8 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import Logger
 
 from egressproxy.config import Address, ClusterConfig, Keepalive, ListenAddress, ListenerConfig
-from egressproxy.listener import ListenerFactory, ListenerRuntime
-from egressproxy.upstream import UpstreamCluster
+from egressproxy.datapath.listener import ListenerFactory, ListenerRuntime
+from egressproxy.upstream.cluster import UpstreamCluster
 
 
 @implementer(IHostnameResolver)

@@ -33,8 +33,8 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 
-from egressproxy.dial import UpstreamDial
-from egressproxy.fastread import ATTRIBUTE, READ_SIZE
+from egressproxy.upstream.dial import UpstreamDial
+from egressproxy.datapath.fastread import ATTRIBUTE, READ_SIZE
 from tests.helpers import Harness, cluster_config
 from tests.integration.proxy import InProcessProxy, wait_until
 

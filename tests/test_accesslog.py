@@ -1,4 +1,4 @@
-"""Tests for egressproxy.accesslog: the Envoy-shaped line, JSON, timestamps, the logger."""
+"""Tests for egressproxy.observe.accesslog: the Envoy-shaped line, JSON, timestamps, the logger."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import json
 from twisted.logger import Logger, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
-from egressproxy.accesslog import (
+from egressproxy.observe.accesslog import (
     AccessRecord,
     format_json,
     format_text,

@@ -14,11 +14,11 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from egressproxy.addrguard import AddressPolicy, DialGuard, OwnSockets, is_local_address
+from egressproxy.upstream.addrguard import AddressPolicy, DialGuard, OwnSockets, is_local_address
 from egressproxy.config import Address
-from egressproxy.dial import UpstreamConnectFailed
-from egressproxy.internal import internal_class
-from egressproxy.upstream import UpstreamCluster
+from egressproxy.upstream.dial import UpstreamConnectFailed
+from egressproxy.upstream.internal import internal_class
+from egressproxy.upstream.cluster import UpstreamCluster
 from tests.helpers import cluster_config
 
 

@@ -1,4 +1,4 @@
-"""Tests for egressproxy.admin: the metrics and admin sites, route by route."""
+"""Tests for egressproxy.observe.admin: the metrics and admin sites, route by route."""
 
 from __future__ import annotations
 
@@ -16,10 +16,10 @@ from twisted.web.server import Site
 from twisted.web.test._util import _render
 from twisted.web.test.requesthelper import DummyRequest
 
-from egressproxy.admin import ADMIN_TOKEN_ENV, admin_token, build_admin_site, build_metrics_site
-from egressproxy.httpsite import HTTP_MAX_CONNECTIONS, HTTP_TIMEOUT, QuietSite, Routes
-from egressproxy.listener import REJECT_REASONS
-from egressproxy.metrics import make_registry
+from egressproxy.observe.admin import ADMIN_TOKEN_ENV, admin_token, build_admin_site, build_metrics_site
+from egressproxy.observe.httpsite import HTTP_MAX_CONNECTIONS, HTTP_TIMEOUT, QuietSite, Routes
+from egressproxy.datapath.listener import REJECT_REASONS
+from egressproxy.observe.metrics import make_registry
 from tests.test_metrics import FakeService, busy_service
 
 TEXT = [b"text/plain; charset=utf-8"]

@@ -13,8 +13,8 @@ from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from egressproxy.listener import REJECT_REASONS
-from egressproxy.proxyprotocol import HEADER_TIMEOUT
+from egressproxy.datapath.listener import REJECT_REASONS
+from egressproxy.datapath.proxyprotocol import HEADER_TIMEOUT
 from tests.helpers import Harness, cluster_config, listener_config
 
 

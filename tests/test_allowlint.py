@@ -1,4 +1,4 @@
-"""Tests for egressproxy.allowlint: allowlists open in all but name, and accept_risk.
+"""Tests for egressproxy.config.allowlint: allowlists open in all but name, and accept_risk.
 
 The messages are compared whole where they are the product (what an operator
 reads); elsewhere the tests check which entries are flagged.
@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from egressproxy.allowlint import (
+from egressproxy.config.allowlint import (
     Entry,
     Finding,
     check_listener,
@@ -20,8 +20,8 @@ from egressproxy.allowlint import (
     lint_allowlist,
 )
 from egressproxy.modes.forward.parse import parse_destination as _parse_destination
-from egressproxy.ownsocket import OwnSocket, own_socket_hits
-from egressproxy.internal import (
+from egressproxy.config.ownsocket import OwnSocket, own_socket_hits
+from egressproxy.upstream.internal import (
     INTERNAL_NETWORKS,
     INTERNAL_RANGES,
     internal_class,

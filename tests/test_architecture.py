@@ -42,10 +42,10 @@ MAX_LINES = 400
 #: excuses one.
 IN_REWRITE = (
     "egressproxy.modes",
-    "egressproxy.session",
-    "egressproxy.listener",
-    "egressproxy.splice",
-    "egressproxy.proxyprotocol",
+    "egressproxy.datapath.session",
+    "egressproxy.datapath.listener",
+    "egressproxy.datapath.splice",
+    "egressproxy.datapath.proxyprotocol",
     "egressproxy.datapath",
 )
 

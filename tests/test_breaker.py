@@ -1,10 +1,10 @@
-"""Tests for egressproxy.breaker: the pending and active limits, in plain numbers."""
+"""Tests for egressproxy.upstream.breaker: the pending and active limits, in plain numbers."""
 
 from __future__ import annotations
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from egressproxy.breaker import CircuitBreaker
+from egressproxy.upstream.breaker import CircuitBreaker
 
 
 def fill_pending(breaker: CircuitBreaker, n: int) -> list[bool]:

@@ -1,4 +1,4 @@
-"""Tests for egressproxy.cli: exit codes and what goes to stdout and stderr."""
+"""Tests for egressproxy.app.cli: exit codes and what goes to stdout and stderr."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from collections.abc import Mapping
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from egressproxy.cli import main
+from egressproxy.app.cli import main
 
 GOOD = """\
 listeners:

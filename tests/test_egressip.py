@@ -11,7 +11,7 @@ from twisted.internet import defer, reactor
 from twisted.internet.protocol import DatagramProtocol
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from egressproxy.egressip import EgressIpWatch, ProbeFailed, binding_request, mapped_address, probe
+from egressproxy.observe.egressip import EgressIpWatch, ProbeFailed, binding_request, mapped_address, probe
 
 
 def response(transaction_id: bytes, address: str, xor: bool = True, port: int = 40000) -> bytes:

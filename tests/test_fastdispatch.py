@@ -17,9 +17,9 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
-from egressproxy import fastdispatch
-from egressproxy.fastpath import FastPath
-from egressproxy.fastread import ATTRIBUTE
+from egressproxy.datapath import fastdispatch
+from egressproxy.datapath.fastpath import FastPath
+from egressproxy.datapath.fastread import ATTRIBUTE
 
 
 class Readable(FileDescriptor):

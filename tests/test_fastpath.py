@@ -20,9 +20,9 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import Logger, formatEvent
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
-from egressproxy import fastdispatch
-from egressproxy.fastpath import ORDINARY, FastPath
-from egressproxy.fastread import ATTRIBUTE
+from egressproxy.datapath import fastdispatch
+from egressproxy.datapath.fastpath import ORDINARY, FastPath
+from egressproxy.datapath.fastread import ATTRIBUTE
 from tests.integration.proxy import InProcessProxy, inline, wait_until
 from tests.splicerig import Peer
 

@@ -23,7 +23,7 @@ from egressproxy.modes.http_connect import front as http_connect
 from egressproxy.modes.http_connect.httpreq import MAX_HEAD
 from egressproxy.modes.socks5 import front as socks5
 from egressproxy.modes.socks5.socks import reply
-from egressproxy.splice import PENDING_LIMIT
+from egressproxy.datapath.splice import PENDING_LIMIT
 from tests.helpers import Harness, cluster_config, listener_config
 
 RULES = (

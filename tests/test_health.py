@@ -13,8 +13,8 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from egressproxy.config import Address, HealthCheckConfig
-from egressproxy.health import SSL_REQUEST, HealthChecker
-from egressproxy.upstream import UpstreamCluster
+from egressproxy.upstream.health import SSL_REQUEST, HealthChecker
+from egressproxy.upstream.cluster import UpstreamCluster
 from tests.helpers import HalfCloseTransport, LiteralResolver, cluster_config
 
 A = Address("127.0.0.1", 5432)

@@ -12,7 +12,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from egressproxy.config import load_config
-from egressproxy.service import EgressService
+from egressproxy.app.service import EgressService
 from tests.helpers import HalfCloseTransport, LiteralResolver
 from tests.test_service import RecordingReactor, without_probes
 

@@ -6,7 +6,7 @@ import resource
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from egressproxy.limits import raise_fd_limit
+from egressproxy.app.limits import raise_fd_limit
 
 
 class FdLimitTests(SynchronousTestCase):

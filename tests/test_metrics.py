@@ -1,4 +1,4 @@
-"""Tests for egressproxy.metrics: the collector's samples, the registry, /metrics."""
+"""Tests for egressproxy.observe.metrics: the collector's samples, the registry, /metrics."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ from twisted.web.test._util import _render
 from twisted.web.test.requesthelper import DummyRequest
 
 from egressproxy.config import Address, HealthCheckConfig
-from egressproxy.listener import REJECT_REASONS, ListenerRuntime
-from egressproxy.metrics import EgressCollector, MetricsResource, make_registry
-from egressproxy.upstream import UpstreamCluster
+from egressproxy.datapath.listener import REJECT_REASONS, ListenerRuntime
+from egressproxy.observe.metrics import EgressCollector, MetricsResource, make_registry
+from egressproxy.upstream.cluster import UpstreamCluster
 from tests.helpers import cluster_config, listener_config
 
 DB = Address("db.example.com", 5432)

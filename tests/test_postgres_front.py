@@ -21,7 +21,7 @@ from egressproxy.modes.postgres.pgwire import CancelKey
 from egressproxy.modes.postgres.problems import HANDSHAKE_TIMEOUT
 from egressproxy.modes.postgres.routing import match_route, route_address, valid_server_name
 from egressproxy.modes.postgres.state import MAX_CANCEL_FANOUT, PostgresListenerState
-from egressproxy.upstream import UpstreamCluster
+from egressproxy.upstream.cluster import UpstreamCluster
 from tests.helpers import HalfCloseTransport, Harness, cluster_config, listener_config
 from tests.test_pgwire import BACKEND_START, STARTUP, message, parse_error
 from tests.tlsclient import client_hello

@@ -13,7 +13,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from egressproxy.proxyprotocol import (
+from egressproxy.datapath.proxyprotocol import (
     HEADER_TIMEOUT,
     V1_MAX_LINE,
     V2_MAX_HEADER,

@@ -1,4 +1,4 @@
-"""Tests for egressproxy.service, egressproxy.tap and the twistd plugin."""
+"""Tests for egressproxy.app.service, egressproxy.app.tap and the twistd plugin."""
 
 from __future__ import annotations
 
@@ -16,10 +16,10 @@ from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from egressproxy import tap
+from egressproxy.app import tap
 from egressproxy.config import Config, HealthCheckConfig, parse_config
-from egressproxy.listener import ListenerFactory
-from egressproxy.service import EgressService
+from egressproxy.datapath.listener import ListenerFactory
+from egressproxy.app.service import EgressService
 
 TWO_LISTENERS = """\
 listeners:
@@ -182,7 +182,7 @@ class StopTests(SynchronousTestCase):
 
 
 class OptionsTests(SynchronousTestCase):
-    """egressproxy.tap.Options: --config, $EGRESSPROXY_CONFIG, and errors."""
+    """egressproxy.app.tap.Options: --config, $EGRESSPROXY_CONFIG, and errors."""
 
     def write(self, text: str) -> str:
         directory = self.mktemp()
@@ -248,7 +248,7 @@ class OptionsTests(SynchronousTestCase):
 
 
 class MakeServiceTests(SynchronousTestCase):
-    """egressproxy.tap.makeService."""
+    """egressproxy.app.tap.makeService."""
 
     def test_returns_egress_service(self) -> None:
         """makeService builds an EgressService for the loaded config on the given reactor."""
@@ -281,7 +281,7 @@ class PluginTests(SynchronousTestCase):
         self.assertEqual(len(makers), 1)
 
     def test_plugin_points_at_tap(self) -> None:
-        """The plugin's options and makeService are those of egressproxy.tap."""
+        """The plugin's options and makeService are those of egressproxy.app.tap."""
         (maker,) = [p for p in getPlugins(IServiceMaker) if p.tapname == "egressproxy"]
         self.assertEqual((maker.options, maker.makeService), (tap.Options, tap.makeService))
 

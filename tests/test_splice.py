@@ -17,8 +17,8 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from egressproxy.addresses import format_peer
 from egressproxy.config import Address
-from egressproxy.fastpath import FastPath
-from egressproxy.splice import PENDING_LIMIT
+from egressproxy.datapath.fastpath import FastPath
+from egressproxy.datapath.splice import PENDING_LIMIT
 from tests.helpers import Harness, cluster_config, listener_config
 from tests.integration.proxy import inline
 from tests.splicerig import HOLD_BOUND, LoopbackRig, MemoryRig, flood_payload

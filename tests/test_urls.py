@@ -6,8 +6,8 @@ import io
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from egressproxy import urls
-from egressproxy.cli import main
+from egressproxy.app import urls
+from egressproxy.app.cli import main
 from egressproxy.config import parse_config
 
 CONFIG = """

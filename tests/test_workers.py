@@ -1,4 +1,4 @@
-"""Tests for egressproxy.workers and egressproxy.snapshot: shared limits, counters, the pool, the pipes."""
+"""Tests for egressproxy.app.workers and egressproxy.observe.snapshot: shared limits, counters, the pool, the pipes."""
 
 from __future__ import annotations
 
@@ -15,12 +15,13 @@ from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from egressproxy import snapshot, workers
+from egressproxy.observe import snapshot
+from egressproxy.app import workers
 from egressproxy.config import Config, parse_config
-from egressproxy.dial import CONNECT_FAILURE_REASONS
-from egressproxy.listener import REJECT_REASONS
-from egressproxy.service import EgressService
-from egressproxy.workers import (
+from egressproxy.upstream.dial import CONNECT_FAILURE_REASONS
+from egressproxy.datapath.listener import REJECT_REASONS
+from egressproxy.app.service import EgressService
+from egressproxy.app.workers import (
     MAX_SNAPSHOT_LINE,
     RESTART_DELAY,
     SNAPSHOT_FD,
@@ -565,7 +566,7 @@ class WorkerPoolTests(SynchronousTestCase):
 
     def setUp(self) -> None:
         self.events: list[dict[str, Any]] = []
-        self.patch(workers, "log", Logger(namespace="egressproxy.workers", observer=self.events.append))
+        self.patch(workers, "log", Logger(namespace="egressproxy.app.workers", observer=self.events.append))
         self.reactor = ProcessReactor()
         self.pool = WorkerPool(self.reactor, 3, fake_argv, env={"PATH": "/bin"})
 

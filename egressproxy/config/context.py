@@ -17,7 +17,7 @@ import yaml
 from egressproxy.config.model import Address, ListenAddress, ListenerConfig
 from egressproxy.config.reader import FieldReader, Fields, Named, Reader
 from egressproxy.config.syntax import Path
-from egressproxy.ownsocket import OwnSocket
+from egressproxy.config.ownsocket import OwnSocket
 
 __all__ = ["FileFacts", "ListenerCheck", "ListenerKeys"]
 

@@ -14,7 +14,7 @@ from egressproxy.config.model import ListenAddress
 from egressproxy.config.reader import Named, Reader
 from egressproxy.config.syntax import ip_literal
 from egressproxy.config.yamlnodes import line, render_path
-from egressproxy.ownsocket import OwnSocket
+from egressproxy.config.ownsocket import OwnSocket
 
 __all__ = [
     "check_cluster_refs",

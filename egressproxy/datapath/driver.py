@@ -31,7 +31,7 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from egressproxy.addrguard import FLAG as ADDRESS_FLAG
+from egressproxy.upstream.addrguard import FLAG as ADDRESS_FLAG
 from egressproxy.datapath import handshake as h
 from egressproxy.modes import registry
 from egressproxy.datapath.proxystage import ProxyStage

@@ -17,7 +17,7 @@ from typing import Any
 from twisted.internet.interfaces import IDelayedCall
 
 from egressproxy.addresses import format_peer, peer_ip, source_allowed
-from egressproxy.proxyprotocol import HEADER_TIMEOUT, HeaderParser, InvalidProxyHeader
+from egressproxy.datapath.proxyprotocol import HEADER_TIMEOUT, HeaderParser, InvalidProxyHeader
 
 __all__ = ["ProxyStage"]
 

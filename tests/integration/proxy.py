@@ -22,7 +22,7 @@ from twisted.trial.unittest import SkipTest, TestCase
 import attrs
 
 from egressproxy.config import HealthCheckConfig, HttpServiceConfig, ListenAddress, parse_config
-from egressproxy.service import EgressService
+from egressproxy.app.service import EgressService
 
 
 def inline(f: Callable[..., Coroutine[Any, Any, Any]]) -> Callable[..., defer.Deferred[Any]]:

@@ -86,7 +86,7 @@ clusters:
         cluster = proxy.service.clusters["admin_loop"]
         cluster.reconfigure(attrs.evolve(cluster.config, endpoints=(Address("127.0.0.1", self.admin_port(proxy)),)))
         if hasattr(cluster, "own"):
-            from egressproxy import addrguard  # the dial-side guard, where present
+            from egressproxy.upstream import addrguard  # the dial-side guard, where present
 
             cluster.own = addrguard.NO_SOCKETS
         endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", proxy.port("loop"))

@@ -11,9 +11,9 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 
-from egressproxy.fastpath import FastPath
-from egressproxy.fastread import ATTRIBUTE, direct_reader
-from egressproxy.session import Session
+from egressproxy.datapath.fastpath import FastPath
+from egressproxy.datapath.fastread import ATTRIBUTE, direct_reader
+from egressproxy.datapath.session import Session
 from tests.integration.proxy import InProcessProxy, inline, wait_until
 
 

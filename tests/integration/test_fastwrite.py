@@ -10,7 +10,7 @@ from twisted.internet.task import deferLater
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from egressproxy.fastwrite import direct_writer
+from egressproxy.datapath.fastwrite import direct_writer
 from tests.integration.proxy import inline, wait_until
 
 

@@ -15,8 +15,8 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
 from egressproxy.config import Address, HealthCheckConfig
-from egressproxy.health import SSL_REQUEST, HealthChecker
-from egressproxy.upstream import UpstreamCluster
+from egressproxy.upstream.health import SSL_REQUEST, HealthChecker
+from egressproxy.upstream.cluster import UpstreamCluster
 from tests.helpers import cluster_config
 from tests.integration.proxy import wait_until
 

@@ -8,7 +8,7 @@ from twisted.application.service import ServiceMaker
 
 egressproxy = ServiceMaker(
     "egressproxy",
-    "egressproxy.tap",
+    "egressproxy.app.tap",
     "Egress proxy: static egress IPs for IP-allowlisted databases and APIs.",
     "egressproxy",
 )

@@ -15,7 +15,7 @@ from typing import Any
 import attrs
 import yaml
 
-from egressproxy import allowlint
+from egressproxy.config import allowlint
 from egressproxy.config.context import FileFacts, ListenerKeys
 from egressproxy.config.model import ListenerConfig
 from egressproxy.config.reader import FieldReader, Invalid, Named, Reader

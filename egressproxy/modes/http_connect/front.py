@@ -65,7 +65,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from egressproxy.addrguard import FLAG as ADDRESS_FLAG
+from egressproxy.upstream.addrguard import FLAG as ADDRESS_FLAG
 from egressproxy.datapath.handshake import (
     Connected,
     Context,
@@ -95,7 +95,7 @@ from egressproxy.modes.http_connect.httpreq import (
     response,
     split_absolute_http,
 )
-from egressproxy.splice import PENDING_LIMIT
+from egressproxy.datapath.splice import PENDING_LIMIT
 
 __all__ = ["HEADER_TIMEOUT", "HttpConnectMachine"]
 

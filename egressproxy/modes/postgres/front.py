@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from egressproxy.addresses import format_peer, peer_ip
-from egressproxy.addrguard import FLAG as ADDRESS_FLAG
+from egressproxy.upstream.addrguard import FLAG as ADDRESS_FLAG
 from egressproxy.datapath.driver import TLSUnavailable
 from egressproxy.datapath.handshake import (
     Abort,

@@ -19,8 +19,8 @@ from egressproxy.modes.postgres.options import ClientTLS
 from egressproxy.modes.postgres.pgwire import CancelKey
 
 if TYPE_CHECKING:
-    from egressproxy.listener import ListenerRuntime
-    from egressproxy.upstream import UpstreamCluster
+    from egressproxy.datapath.listener import ListenerRuntime
+    from egressproxy.upstream.cluster import UpstreamCluster
 
 __all__ = ["CANCEL_LINGER", "MAX_CANCEL_FANOUT", "CancelTarget", "Client", "PostgresListenerState"]
 

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from ipaddress import ip_address
 
-from egressproxy.addrguard import FLAG as ADDRESS_FLAG
+from egressproxy.upstream.addrguard import FLAG as ADDRESS_FLAG
 from egressproxy.datapath.handshake import Connected, DialFailed, HoldClient, Splice, WriteClient
 from egressproxy.modes.forward.destinations import InvalidDestination, authenticate, destination
 from egressproxy.modes.forward.front import ForwardHandshake

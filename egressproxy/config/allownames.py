@@ -20,9 +20,9 @@ import re
 from collections.abc import Mapping
 from ipaddress import IPv4Address
 
-from egressproxy.allownets import describe, flagged
-from egressproxy.allowtext import or_mark
-from egressproxy.internal import INTERNAL_RANGES, InternalRange
+from egressproxy.config.allownets import describe, flagged
+from egressproxy.config.allowtext import or_mark
+from egressproxy.upstream.internal import INTERNAL_RANGES, InternalRange
 from egressproxy.modes.forward.rules import DestinationRule
 
 #: DNS services that answer ``A.B.C.D.service`` (and dashed forms) with A.B.C.D.

@@ -16,8 +16,8 @@ from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_add
 
 import attrs
 
-from egressproxy.allownames import is_loopback_name
-from egressproxy.allowtext import join, or_mark
+from egressproxy.config.allownames import is_loopback_name
+from egressproxy.config.allowtext import join, or_mark
 from egressproxy.modes.forward.rules import DestinationRule
 
 IPNetwork = IPv4Network | IPv6Network

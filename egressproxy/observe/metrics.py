@@ -1,7 +1,7 @@
 """Prometheus exposition: a collector over the proxy's plain integers, and /metrics.
 
 The data path never touches prometheus_client.  Sessions, listeners and
-clusters keep ordinary integers (and :class:`~egressproxy.histogram.Histogram`
+clusters keep ordinary integers (and :class:`~egressproxy.observe.histogram.Histogram`
 buckets); :class:`EgressCollector` reads them when Prometheus scrapes and
 builds fresh metric families each time.  A scrape therefore costs work
 proportional to the number of listeners, clusters and endpoints, and nothing
@@ -10,7 +10,7 @@ at all between scrapes.
 This module owns the metric names, help texts and labels (the contract in
 DESIGN.md) and the :class:`MetricsResource` that renders a registry.  It does
 not own the HTTP routing (which paths and methods are reachable): that is
-:mod:`egressproxy.admin` and :mod:`egressproxy.httpsite`.  It never uses the
+:mod:`egressproxy.observe.admin` and :mod:`egressproxy.observe.httpsite`.  It never uses the
 global ``REGISTRY``: the registry is made by :func:`make_registry` and passed
 to whoever serves it.
 
@@ -36,11 +36,11 @@ from prometheus_client.process_collector import ProcessCollector
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
-from egressproxy import snapshot
-from egressproxy.histogram import Histogram
-from egressproxy.listener import ListenerRuntime
-from egressproxy.snapshot import Snapshot
-from egressproxy.upstream import UpstreamCluster
+from egressproxy.observe import snapshot
+from egressproxy.observe.histogram import Histogram
+from egressproxy.datapath.listener import ListenerRuntime
+from egressproxy.observe.snapshot import Snapshot
+from egressproxy.upstream.cluster import UpstreamCluster
 
 #: The results ``egressproxy_config_reloads_total`` always reports, 0 included.
 RELOAD_RESULTS = ("success", "error")
@@ -64,7 +64,7 @@ class EgressCollector:
     it.  Failure and rejection reasons are exported as the owning objects
     record them; a reason they have not recorded yet has no series.  With
     several workers the connection, byte and failure figures are the sum
-    over all of them (:mod:`egressproxy.snapshot`); health and reloads are
+    over all of them (:mod:`egressproxy.observe.snapshot`); health and reloads are
     this process's own.
     """
 

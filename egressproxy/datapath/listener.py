@@ -13,14 +13,14 @@ from twisted.internet.interfaces import IAddress, IReactorTime
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
-from egressproxy.accesslog import AccessRecord
-from egressproxy.addrguard import AddressPolicy
+from egressproxy.observe.accesslog import AccessRecord
+from egressproxy.upstream.addrguard import AddressPolicy
 from egressproxy.addresses import IPAddress, peer_ip, source_allowed
 from egressproxy.config import ListenerConfig
-from egressproxy.fastpath import ORDINARY, FastPath
+from egressproxy.datapath.fastpath import ORDINARY, FastPath
 from egressproxy.modes import registry
-from egressproxy.splice import DownstreamLeg
-from egressproxy.upstream import UpstreamCluster
+from egressproxy.datapath.splice import DownstreamLeg
+from egressproxy.upstream.cluster import UpstreamCluster
 
 #: A listener's session (``session.Session``), imported only where one is made: the session reads its listener.
 Session = Any
@@ -169,6 +169,6 @@ class ListenerFactory(Factory):
         self.listener = listener
 
     def buildProtocol(self, addr: IAddress) -> DownstreamLeg:
-        from egressproxy.session import Session
+        from egressproxy.datapath.session import Session
 
         return DownstreamLeg(Session(self.listener, addr))

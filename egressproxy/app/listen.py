@@ -45,7 +45,7 @@ def _bound_socket(
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if reuse_port:
-            # Workers (egressproxy.workers) each bind the same address; the
+            # Workers (egressproxy.app.workers) each bind the same address; the
             # kernel spreads new connections over their accept queues.  Only
             # sockets of the same user may join the group.
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)

@@ -5,14 +5,14 @@ asks the selectable for its log prefix and pushes a fresh logging context (a
 dict copy, a push and a pop) around ``_doReadOrWrite``, which then checks the
 descriptor, decodes the event mask and calls ``doRead``.  For a proxy that
 is most of the Python run per relayed message: measured with pgbench at 32
-clients, this module and :mod:`egressproxy.fastread` together took the
+clients, this module and :mod:`egressproxy.datapath.fastread` together took the
 proxy's CPU per transaction from about 23 to 18 microseconds (see the
 README's Performance section).
 
 :func:`install` replaces the reactor's poll step with one that does what
 Twisted's does, except for one case: an event that is exactly "readable"
 (no hang-up, no error, no writability) on a selectable that carries a
-:data:`~egressproxy.fastread.ATTRIBUTE` reader, which only spliced plain-TCP
+:data:`~egressproxy.datapath.fastread.ATTRIBUTE` reader, which only spliced plain-TCP
 transports do.  That reader is called directly; what it returns, or raises,
 is handled as ``_doReadOrWrite`` handles it (``_disconnectSelectable`` with
 the read flag; an exception is logged and disconnects).  Every other event,
@@ -21,7 +21,7 @@ yet spliced), takes Twisted's path unchanged.
 
 The poll step uses private parts of ``EPollReactor`` (``_poller``,
 ``_selectables``, ``_doReadOrWrite``, ``_disconnectSelectable``,
-``_POLL_IN``).  :class:`egressproxy.fastpath.FastPath` checks each of them
+``_POLL_IN``).  :class:`egressproxy.datapath.fastpath.FastPath` checks each of them
 (and that the reactor's poll step is Twisted's own ``doPoll``) before it
 calls :func:`install`, and calls :func:`uninstall` to give the reactor its
 own step back; nothing else should call either.  Installs are counted per
@@ -37,7 +37,7 @@ from typing import Any
 
 from twisted.python import log
 
-from egressproxy.fastread import ATTRIBUTE
+from egressproxy.datapath.fastread import ATTRIBUTE
 
 try:
     from twisted.internet.epollreactor import EPollReactor

@@ -14,8 +14,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from ipaddress import IPv4Network, IPv6Network, collapse_addresses, ip_network
 
-from egressproxy.allowtext import join, mark, or_mark
-from egressproxy.internal import INTERNAL_RANGES, InternalRange
+from egressproxy.config.allowtext import join, mark, or_mark
+from egressproxy.upstream.internal import INTERNAL_RANGES, InternalRange
 from egressproxy.modes.forward.rules import DestinationRule
 
 IPNetwork = IPv4Network | IPv6Network

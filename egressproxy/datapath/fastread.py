@@ -17,7 +17,7 @@ half-close or a close exactly as before.  Pausing still works, because a
 paused transport is not polled for reading at all.
 
 The same function is also published as the transport's ``egress_read``
-attribute, which is what :mod:`egressproxy.fastdispatch` looks for to skip the
+attribute, which is what :mod:`egressproxy.datapath.fastdispatch` looks for to skip the
 reactor's per-event logging context as well.
 
 Only plain TCP transports whose protocol is the leg (directly or through the
@@ -27,7 +27,7 @@ in between, keeps Twisted's own path.
 The private names this relies on (``tcp.Connection.doRead`` settable per
 connection, ``TLS``, ``socket``, ``main.CONNECTION_DONE``/``LOST``,
 ``endpoints._WrappingProtocol._wrappedProtocol``) are checked once, at
-start-up, by :class:`egressproxy.fastpath.FastPath`, which is what calls
+start-up, by :class:`egressproxy.datapath.fastpath.FastPath`, which is what calls
 :func:`direct_reader`, passing the wrapper class it found.
 """
 

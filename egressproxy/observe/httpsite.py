@@ -54,7 +54,7 @@ HTTP_TIMEOUT = 10.0
 HTTP_MAX_CONNECTIONS = 64
 
 #: The namespace these lines had before this module was split from ``admin.py``.
-log = Logger(namespace="egressproxy.admin")
+log = Logger(namespace="egressproxy.observe.admin")
 
 
 class OwnUpstreams(Protocol):

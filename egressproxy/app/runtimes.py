@@ -28,16 +28,16 @@ from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import IAddress, IListeningPort, IReactorCore
 from twisted.logger import Logger
 
-from egressproxy.accesslog import make_access_logger
-from egressproxy.addrguard import OwnSockets
+from egressproxy.observe.accesslog import make_access_logger
+from egressproxy.upstream.addrguard import OwnSockets
 from egressproxy.addresses import format_host_port, peer_ip
 from egressproxy.config import ClusterConfig, Config, HealthCheckConfig, ListenerConfig
-from egressproxy.fastpath import FastPath
-from egressproxy.health import HealthChecker
-from egressproxy.listen import ListenError, listen
-from egressproxy.listener import ListenerFactory, ListenerRuntime
-from egressproxy.upstream import UpstreamCluster
-from egressproxy.workers import share_cluster_limits
+from egressproxy.datapath.fastpath import FastPath
+from egressproxy.upstream.health import HealthChecker
+from egressproxy.app.listen import ListenError, listen
+from egressproxy.datapath.listener import ListenerFactory, ListenerRuntime
+from egressproxy.upstream.cluster import UpstreamCluster
+from egressproxy.app.workers import share_cluster_limits
 
 
 def format_bound(port: IListeningPort) -> str:
@@ -65,7 +65,7 @@ class ServiceRuntimes:
         self.reactor = reactor
         self.access_stream = access_stream
         self.access_log = make_access_logger(access_stream, config.access_log.format)
-        #: How many processes share the limits (``workers: N``); see egressproxy.workers.
+        #: How many processes share the limits (``workers: N``); see egressproxy.app.workers.
         self.worker_count = worker_count
         #: Never dialled, by any mode (``addrguard``).
         self.own_sockets = own_sockets

@@ -43,11 +43,11 @@ from ipaddress import IPv4Network, IPv6Network
 
 import attrs
 
-from egressproxy.allownames import name_problems
-from egressproxy.allownets import network_problem
-from egressproxy.allowwidth import too_wide
+from egressproxy.config.allownames import name_problems
+from egressproxy.config.allownets import network_problem
+from egressproxy.config.allowwidth import too_wide
 from egressproxy.modes.forward.rules import DestinationRule
-from egressproxy.ownsocket import OwnSocket, own_socket_problem
+from egressproxy.config.ownsocket import OwnSocket, own_socket_problem
 
 __all__ = [
     "Entry",

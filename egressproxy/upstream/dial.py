@@ -17,7 +17,7 @@ There is no delay between attempts: a refused connect is cheap, and the
 attempts are bounded in number.  This module does not know about TLS.
 
 Address checks (``addrguard.py``): a dial for a client-chosen destination
-carries a :class:`~egressproxy.addrguard.AddressPolicy`.  Its name is then
+carries a :class:`~egressproxy.upstream.addrguard.AddressPolicy`.  Its name is then
 resolved here, once per dial, every answer is judged, and only the answers
 that pass are connected to, by address (no second lookup).  Every dial,
 guarded or not, is refused when the address it reaches is one of the
@@ -40,9 +40,9 @@ from twisted.internet.interfaces import IProtocol, IReactorTime, IStreamClientEn
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 
-from egressproxy import addrguard
-from egressproxy.addrguard import AddressPolicy, AddressRefused, OwnSockets
-from egressproxy.breaker import CircuitBreaker
+from egressproxy.upstream import addrguard
+from egressproxy.upstream.addrguard import AddressPolicy, AddressRefused, OwnSockets
+from egressproxy.upstream.breaker import CircuitBreaker
 from egressproxy.config import Address, ClusterConfig
 
 

@@ -2,7 +2,7 @@
 
 With ``workers: N`` every process counts its own connections, bytes and
 failures.  Each extra worker sends :func:`take` of its service to the main
-worker (see :mod:`egressproxy.workers`), and the main worker's metrics
+worker (see :mod:`egressproxy.app.workers`), and the main worker's metrics
 collector starts from its own :func:`take` and :func:`add`\\ s the others,
 so ``/metrics`` describes the whole proxy.  With one worker the collector
 exports :func:`take` of the service alone: one code path either way.
@@ -21,8 +21,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
-    from egressproxy.listener import ListenerRuntime
-    from egressproxy.upstream import UpstreamCluster
+    from egressproxy.datapath.listener import ListenerRuntime
+    from egressproxy.upstream.cluster import UpstreamCluster
 
 Snapshot = dict[str, dict[str, dict[str, Any]]]
 

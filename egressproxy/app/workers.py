@@ -25,7 +25,7 @@ reload binds new ports in each worker the way a single worker does.
   cluster) are split: each worker enforces ``limit // N`` (at least 1),
   so the proxy as a whole never exceeds the configured number (for limits of
   at least N).  The cost: one worker can refuse while another has room.
-- **Metrics**: each child sends a :mod:`~egressproxy.snapshot` of its
+- **Metrics**: each child sends a :mod:`~egressproxy.observe.snapshot` of its
   counters as one JSON line on its descriptor 3 every second and as it
   stops; the main worker adds the latest of each to its own at scrape time.
   A child that exits keeps contributing its counters (not its gauges), so
@@ -60,9 +60,9 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from egressproxy import snapshot
+from egressproxy.observe import snapshot
 from egressproxy.config import ClusterConfig, Config
-from egressproxy.snapshot import Snapshot, SnapshotSource
+from egressproxy.observe.snapshot import Snapshot, SnapshotSource
 
 #: The descriptor a child writes its snapshots to.
 SNAPSHOT_FD = 3

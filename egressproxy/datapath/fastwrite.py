@@ -19,7 +19,7 @@ Only plain TCP transports qualify; TLS transports (Postgres origination)
 and anything else keep ``transport.write``.  The private names it reads
 (``dataBuffer``, ``_tempDataLen``, ``connected``, ``disconnecting``,
 ``socket``) are checked once, at start-up, by
-:class:`egressproxy.fastpath.FastPath`, which is what calls
+:class:`egressproxy.datapath.fastpath.FastPath`, which is what calls
 :func:`direct_writer`.
 """
 

@@ -36,7 +36,7 @@ from typing import Callable, Iterable
 
 import attrs
 
-from egressproxy.internal import IPAddress, IPNetwork, internal_class
+from egressproxy.upstream.internal import IPAddress, IPNetwork, internal_class
 
 #: Metric reasons (``rejected``/``reported``) and the access-log flag of a refused address.
 REASON_INTERNAL = "internal_address"

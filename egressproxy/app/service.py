@@ -6,7 +6,7 @@ Design notes
 The service is built from one immutable :class:`Config`.  The runtime
 objects it describes (one :class:`UpstreamCluster` plus health checker per
 cluster, one :class:`ListenerRuntime` plus bound port per listener) are kept
-by :class:`~egressproxy.runtimes.ServiceRuntimes`, which this class extends
+by :class:`~egressproxy.app.runtimes.ServiceRuntimes`, which this class extends
 with the lifecycle and the two HTTP services (metrics, admin).
 
 **Start.**  Every port is bound in ``privilegedStartService``, synchronously
@@ -39,7 +39,7 @@ is then applied in place (``runtimes.py``), new ports bound first.  The
 admin and metrics addresses are fixed at start-up: a change to them is
 reported and needs a restart.
 
-**Workers** (``workers: N``, :mod:`egressproxy.workers`).  Each process runs
+**Workers** (``workers: N``, :mod:`egressproxy.app.workers`).  Each process runs
 one of these services with its share of the limits (``_prepare``).  The main
 worker (index 0) alone serves admin and metrics, starts the others once its
 ports are bound, adds their counters to its scrapes, passes a successful
@@ -62,14 +62,14 @@ from twisted.internet.interfaces import IListeningPort, IReactorCore
 from twisted.internet.task import deferLater
 from twisted.web.server import Site
 
-from egressproxy.addrguard import OwnSockets
-from egressproxy.admin import ADMIN_TOKEN_ENV, admin_token, build_admin_site, build_metrics_site
+from egressproxy.upstream.addrguard import OwnSockets
+from egressproxy.observe.admin import ADMIN_TOKEN_ENV, admin_token, build_admin_site, build_metrics_site
 from egressproxy.config import Config, ConfigError, load_config
-from egressproxy.listen import ListenError, listen
-from egressproxy.metrics import make_registry
-from egressproxy.runtimes import ServiceRuntimes, format_bound
-from egressproxy.snapshot import Snapshot
-from egressproxy.workers import STOP_GRACE, ParentWatch, SnapshotSender, WorkerPool, share_limits, worker_argv
+from egressproxy.app.listen import ListenError, listen
+from egressproxy.observe.metrics import make_registry
+from egressproxy.app.runtimes import ServiceRuntimes, format_bound
+from egressproxy.observe.snapshot import Snapshot
+from egressproxy.app.workers import STOP_GRACE, ParentWatch, SnapshotSender, WorkerPool, share_limits, worker_argv
 
 
 class EgressService(ServiceRuntimes, MultiService):
@@ -89,7 +89,7 @@ class EgressService(ServiceRuntimes, MultiService):
         self.environ: Mapping[str, str] = os.environ if environ is None else environ
         #: The bearer token ``POST /drain`` and ``/reload`` need (None: none needed); see admin.py.
         self.admin_token = admin_token(self.environ)
-        #: 0 for the main worker (the only one with ``workers: 1``); see egressproxy.workers.
+        #: 0 for the main worker (the only one with ``workers: 1``); see egressproxy.app.workers.
         self.worker_index = worker_index
         #: Fixed at start: a reload cannot change how many processes share the work.
         self.worker_count = config.workers

@@ -19,14 +19,14 @@ from twisted.internet.error import ConnectionAborted, ConnectionLost
 from twisted.internet.interfaces import IAddress, IDelayedCall
 from twisted.python.failure import Failure
 
-from egressproxy.accesslog import AccessRecord
-from egressproxy.addrguard import FLAG as ADDRESS_FLAG
+from egressproxy.observe.accesslog import AccessRecord
+from egressproxy.upstream.addrguard import FLAG as ADDRESS_FLAG
 from egressproxy.addresses import IPAddress, format_peer
 from egressproxy.config import Address
 from egressproxy.datapath.driver import Driver
-from egressproxy.sockopts import tune_tcp
-from egressproxy.splice import LINGER, DownstreamLeg, Leg, UpstreamLeg, join
-from egressproxy.upstream import UpstreamCluster, UpstreamConnectFailed, UpstreamDial
+from egressproxy.datapath.sockopts import tune_tcp
+from egressproxy.datapath.splice import LINGER, DownstreamLeg, Leg, UpstreamLeg, join
+from egressproxy.upstream.cluster import UpstreamCluster, UpstreamConnectFailed, UpstreamDial
 
 #: The session's listener (``listener.ListenerRuntime``), not imported: the listener makes sessions.
 ListenerRuntime = Any

@@ -69,11 +69,11 @@ Invariants:
 8. **The fast path.**  Once joined, each leg forwards through
    ``FastPath.writer`` (a direct send when nothing is queued) and each
    transport reads through ``FastPath.reader`` (straight into the leg); see
-   :mod:`egressproxy.fastpath`.  When the fast path is off (``fast_path:
+   :mod:`egressproxy.datapath.fastpath`.  When the fast path is off (``fast_path:
    false``) or a Twisted name it needs is missing, these are
    ``transport.write`` and Twisted's own ``doRead`` -> ``dataReceived``, and
    every rule above holds the same way.  A splice made outside a service
-   (unit tests) uses :data:`~egressproxy.fastpath.ORDINARY`.
+   (unit tests) uses :data:`~egressproxy.datapath.fastpath.ORDINARY`.
 
 Rejected alternative: resetting a ``TimeoutMixin`` timer per chunk for the
 idle timeout.  It costs a ``DelayedCall.reset`` on every read; comparing the
@@ -91,8 +91,8 @@ from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from egressproxy.fastpath import ORDINARY, FastPath
-from egressproxy.sockopts import tune_tcp
+from egressproxy.datapath.fastpath import ORDINARY, FastPath
+from egressproxy.datapath.sockopts import tune_tcp
 
 #: A leg's session (``session.Session``), not imported: the session imports this module.
 Session = Any

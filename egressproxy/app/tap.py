@@ -12,7 +12,7 @@ from twisted.application.service import IService
 from twisted.python import usage
 
 from egressproxy.config import Config, ConfigError, load_config
-from egressproxy.limits import raise_fd_limit
+from egressproxy.app.limits import raise_fd_limit
 
 DEFAULT_CONFIG = "egressproxy.yaml"
 
@@ -50,7 +50,7 @@ def makeService(options: Options, reactor=None) -> IService:  # type: ignore[no-
     """Build the service tree; only here may the global reactor be used."""
     if reactor is None:
         from twisted.internet import reactor  # noqa: PLC0415
-    from egressproxy.service import EgressService
+    from egressproxy.app.service import EgressService
 
     before, after = raise_fd_limit()
     service = EgressService(options.loaded, reactor, worker_index=options["worker"])

@@ -32,12 +32,12 @@ from twisted.internet.interfaces import IAddress, IReactorTime
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
 
-from egressproxy import snapshot
-from egressproxy.httpsite import GET_HEAD, JSON, POST, QuietSite, RouteTable, Routes, refused, respond
-from egressproxy.listener import ListenerRuntime
-from egressproxy.metrics import RELOAD_RESULTS, MetricsResource
-from egressproxy.snapshot import Snapshot
-from egressproxy.upstream import UpstreamCluster
+from egressproxy.observe import snapshot
+from egressproxy.observe.httpsite import GET_HEAD, JSON, POST, QuietSite, RouteTable, Routes, refused, respond
+from egressproxy.datapath.listener import ListenerRuntime
+from egressproxy.observe.metrics import RELOAD_RESULTS, MetricsResource
+from egressproxy.observe.snapshot import Snapshot
+from egressproxy.upstream.cluster import UpstreamCluster
 
 #: The environment variable holding the bearer token ``POST /drain`` and ``/reload`` need.
 ADMIN_TOKEN_ENV = "EGRESSPROXY_ADMIN_TOKEN"

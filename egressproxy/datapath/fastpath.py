@@ -3,14 +3,14 @@
 Once two legs are spliced, the proxy takes three shortcuts past Twisted's
 per-chunk code (see the README's Performance section for what each saves):
 
-- **read** (:mod:`egressproxy.fastread`): a spliced plain-TCP transport gets
+- **read** (:mod:`egressproxy.datapath.fastread`): a spliced plain-TCP transport gets
   a ``doRead`` of ours that reads 256 KiB and hands the chunk straight to
   its leg, skipping ``Connection._dataReceived`` and, for an upstream leg,
   the endpoint's ``_WrappingProtocol``;
-- **write** (:mod:`egressproxy.fastwrite`): a leg forwards through a
+- **write** (:mod:`egressproxy.datapath.fastwrite`): a leg forwards through a
   ``write`` that sends at once when the other transport has nothing queued
   (it reads ``dataBuffer`` and ``_tempDataLen`` to know that);
-- **dispatch** (:mod:`egressproxy.fastdispatch`): the epoll reactor's poll
+- **dispatch** (:mod:`egressproxy.datapath.fastdispatch`): the epoll reactor's poll
   step is replaced by one that calls a spliced socket's reader directly,
   skipping ``log.callWithLogger`` and ``_doReadOrWrite``.  It only serves
   the direct reads, so it is on only when *read* is.
@@ -63,7 +63,7 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python import log as legacy_log
 
-from egressproxy import fastdispatch, fastread, fastwrite
+from egressproxy.datapath import fastdispatch, fastread, fastwrite
 
 #: The parts, in the order log lines name them.
 PARTS = ("read", "write", "dispatch")

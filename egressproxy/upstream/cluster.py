@@ -3,7 +3,7 @@
 A cluster owns its runtime state: endpoint rotation, circuit breaker,
 connect counters and connect-time histogram, and each endpoint's health and
 counts.  :meth:`UpstreamCluster.dial` starts one downstream connection's
-attempt to reach it, an :class:`~egressproxy.dial.UpstreamDial` (``dial.py``:
+attempt to reach it, an :class:`~egressproxy.upstream.dial.UpstreamDial` (``dial.py``:
 failover, deadlines, name resolution and address checks), which reports
 each outcome back here.  A reload reconfigures a cluster in place, so its
 counters carry on.
@@ -21,12 +21,12 @@ from typing import Callable
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol
 
-from egressproxy import addrguard
-from egressproxy.addrguard import AddressPolicy, OwnSockets
-from egressproxy.breaker import CircuitBreaker
+from egressproxy.upstream import addrguard
+from egressproxy.upstream.addrguard import AddressPolicy, OwnSockets
+from egressproxy.upstream.breaker import CircuitBreaker
 from egressproxy.config import Address, ClusterConfig
-from egressproxy.dial import CONNECT_FAILURE_REASONS, UpstreamConnectFailed, UpstreamDial
-from egressproxy.histogram import Histogram
+from egressproxy.upstream.dial import CONNECT_FAILURE_REASONS, UpstreamConnectFailed, UpstreamDial
+from egressproxy.observe.histogram import Histogram
 
 #: ``UpstreamConnectFailed`` lives in ``dial.py``; it is named here too for
 #: ``session.py``, which imports it from this module.

@@ -22,7 +22,8 @@ from typing import Callable, TextIO
 
 import attrs
 
-from egressproxy import __version__, urls
+from egressproxy import __version__
+from egressproxy.app import urls
 from egressproxy.config import ConfigError, load_config
 
 

@@ -59,8 +59,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from egressproxy.config import Address
-from egressproxy.dial import client_endpoint
-from egressproxy.upstream import UpstreamCluster
+from egressproxy.upstream.dial import client_endpoint
+from egressproxy.upstream.cluster import UpstreamCluster
 
 #: int32 message length 8, int32 SSLRequest code 1234 << 16 | 5679.
 SSL_REQUEST = struct.pack("!ii", 8, 80877103)
@@ -202,7 +202,7 @@ class HealthChecker:
     """Probes every endpoint of one cluster on a timer and marks them healthy or not.
 
     Writes ``healthy`` and ``last_error`` on the cluster's
-    :class:`~egressproxy.upstream.EndpointState` objects; the cluster's
+    :class:`~egressproxy.upstream.cluster.EndpointState` objects; the cluster's
     endpoint choice, metrics and ``/clusters`` read them from there.  One
     checker per cluster and per config generation: stop the old one on reload.
     ``last_error`` keeps the latest failure even after recovery.

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from ipaddress import IPv4Network, IPv6Network, collapse_addresses
 
-from egressproxy.allowtext import join, mark, or_mark
+from egressproxy.config.allowtext import join, mark, or_mark
 
 IPNetwork = IPv4Network | IPv6Network
 

@@ -1,0 +1,1 @@
+"""Reaching the other side: clusters, the dial, address checks, the circuit breaker and health checks."""
