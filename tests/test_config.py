@@ -946,7 +946,7 @@ class ErrorTests(SynchronousTestCase):
             (
                 "egress.yaml:8: unknown key 'zzz' (expected one of: listeners, "
                 "clusters, hosts, access_log, admin, metrics, drain_timeout, "
-                "shutdown_delay, workers, fast_path)",
+                "shutdown_delay, workers, fast_path, expected_egress_ips, egress_ip_check)",
             ),
         )
 
@@ -1459,7 +1459,7 @@ class ErrorTests(SynchronousTestCase):
             (
                 "egress.yaml:1: expected a mapping with keys listeners, clusters, "
                 "hosts, access_log, admin, metrics, drain_timeout, shutdown_delay, "
-                "workers, fast_path, got a list",
+                "workers, fast_path, expected_egress_ips, egress_ip_check, got a list",
             ),
         )
 

@@ -63,6 +63,7 @@ from twisted.internet.task import deferLater
 from twisted.web.server import Site
 
 from egressproxy.upstream.addrguard import OwnSockets
+from egressproxy.observe.egressip import EgressIpWatch
 from egressproxy.observe.admin import ADMIN_TOKEN_ENV, admin_token, build_admin_site, build_metrics_site
 from egressproxy.config import Config, ConfigError, load_config
 from egressproxy.app.listen import ListenError, listen
@@ -116,6 +117,8 @@ class EgressService(ServiceRuntimes, MultiService):
         self.draining = False
         self._bound = False
         self._drained: defer.Deferred[None] | None = None
+        #: The egress-address check (``expected_egress_ips``), main worker only; None without it.
+        self.egress: EgressIpWatch | None = None
 
     def _prepare(self, config: Config) -> Config:
         """The config as this worker runs it: its share of the limits; HTTP services on the main worker only."""
@@ -127,8 +130,16 @@ class EgressService(ServiceRuntimes, MultiService):
 
     @property
     def ready(self) -> bool:
-        """Serving: every listener bound and no drain begun."""
-        return self._bound and not self.draining
+        """Serving: every listener bound, no drain begun, and egressing from an expected address."""
+        return self._bound and not self.draining and (self.egress is None or self.egress.ready)
+
+    def not_ready_reason(self) -> str:
+        """What /ready says when it answers 503."""
+        if self.draining:
+            return "draining"
+        if self.egress is not None and not self.egress.ready:
+            return self.egress.reason()
+        return "starting"
 
     def worker_snapshots(self) -> list[Snapshot]:
         """The other workers' counters, for the metrics collector (main worker only)."""
@@ -197,6 +208,7 @@ class EgressService(ServiceRuntimes, MultiService):
             # startService without privilegedStartService (e.g. in tests).
             self.privilegedStartService()
         self._start_checkers(self.clusters)
+        self._start_egress_check()
         # The data path's shortcuts: each checked against the installed
         # Twisted and this reactor, each part that cannot run logged and left
         # on Twisted's path; ``fast_path: false`` turns all off (one log line).
@@ -211,6 +223,18 @@ class EgressService(ServiceRuntimes, MultiService):
             )
             self.pool.start()
         super().startService()
+
+    def _start_egress_check(self) -> None:
+        """With ``expected_egress_ips``: learn the egress address by STUN, not ready until it is expected."""
+        config = self.config
+        if config.expected_egress_ips is None or config.egress_ip_check is None or self.worker_index > 0:
+            return
+        check = config.egress_ip_check
+        self.egress = EgressIpWatch(
+            self.reactor, [(a.host, a.port) for a in check.stun], frozenset(config.expected_egress_ips),
+            check.interval,
+        )
+        self.egress.start()
 
     def _watch_main_worker(self) -> None:
         """A child worker: report counters to the main worker, drain when it is gone."""
@@ -297,6 +321,8 @@ class EgressService(ServiceRuntimes, MultiService):
             await deferLater(self.reactor, step, lambda: None)
 
     def stopService(self) -> defer.Deferred[None]:
+        if self.egress is not None:
+            self.egress.stop()
         d = self.drain()
         d.addCallback(lambda _: self.fast_path.uninstall())
         d.addCallback(lambda _: super(EgressService, self).stopService())

@@ -47,6 +47,8 @@ _TOP_KEYS = (
     "shutdown_delay",
     "workers",
     "fast_path",
+    "expected_egress_ips",
+    "egress_ip_check",
 )
 
 
@@ -87,6 +89,14 @@ class _Document:
         shutdown_delay = read("shutdown_delay", r.duration, 0.0)
         workers = read("workers", self.settings.workers, 1)
         fast_path = read("fast_path", r.boolean, True)
+        expected_egress_ips = read("expected_egress_ips", self.settings.egress_ips)
+        egress_ip_check = read("egress_ip_check", self.settings.egress_ip_check)
+        if expected_egress_ips and egress_ip_check is None and "egress_ip_check" not in fields:
+            r.report(
+                fields["expected_egress_ips"], ("expected_egress_ips",),
+                "needs egress_ip_check: {stun: [\"HOST:PORT\", ...]} to learn the egress address "
+                "(e.g. stun.cloudflare.com:3478); remove it to turn the check off",
+            )
         check_names(r, "listener", facts.listener_names)
         check_names(r, "cluster", facts.cluster_names)
         check_cluster_refs(r, facts)
@@ -106,6 +116,7 @@ class _Document:
             clusters=clusters, hosts=hosts, access_log=access_log, admin=admin,
             metrics=metrics, drain_timeout=drain_timeout,
             shutdown_delay=shutdown_delay, workers=workers, fast_path=fast_path,
+            expected_egress_ips=expected_egress_ips, egress_ip_check=egress_ip_check,
         )
 
     def _optional(

@@ -277,6 +277,14 @@ class ListenerConfig:
 
 
 @attrs.frozen
+class EgressIpCheck:
+    """``egress_ip_check``: STUN servers asked, in order, for the address the proxy egresses from."""
+
+    stun: tuple[Address, ...]
+    interval: float = 60.0
+
+
+@attrs.frozen
 class HttpServiceConfig:
     """Where one of the HTTP services (admin, metrics) listens."""
 
@@ -337,6 +345,10 @@ class Config:
     #: Use the data path's shortcuts around Twisted's per-event code (when
     #: the installed Twisted has the parts they rely on); false: Twisted's own path.
     fast_path: bool = attrs.field(default=True, validator=attrs.validators.instance_of(bool))
+    #: The public addresses this proxy should egress from; None: no check.
+    expected_egress_ips: tuple[str, ...] | None = attrs.field(default=None)
+    #: How the egress address is learnt (STUN servers) and how often.
+    egress_ip_check: EgressIpCheck | None = attrs.field(default=None)
 
     def __attrs_post_init__(self) -> None:
         for kind, items in (("listener", self.listeners), ("cluster", self.clusters)):

@@ -14,7 +14,15 @@ import yaml
 
 from egressproxy.config.context import FileFacts
 from egressproxy.config.listeners import read_listen
-from egressproxy.config.model import DEFAULT_ADMIN, DEFAULT_METRICS, AccessLogConfig, HttpServiceConfig
+from egressproxy.config.model import (
+    DEFAULT_ADMIN,
+    DEFAULT_METRICS,
+    AccessLogConfig,
+    Address,
+    EgressIpCheck,
+    HttpServiceConfig,
+)
+from egressproxy.config.parse import parse_endpoint
 from egressproxy.config.reader import FieldReader, Invalid, Reader
 from egressproxy.config.syntax import Path, hostname_problem, ip_literal, show
 from egressproxy.config.yamlnodes import flag, line
@@ -112,6 +120,43 @@ class Settings:
         listen = read_listen(r, fields["listen"], listen_path)
         self.facts.listens.append((listen, fields["listen"], listen_path))
         return r.built(node, path, HttpServiceConfig, listen=listen)
+
+    def egress_ips(self, node: yaml.Node, path: Path) -> tuple[str, ...]:
+        """``expected_egress_ips``: the app's static egress addresses (IP literals)."""
+        r = self.r
+        items = r.sequence(node, path, "IP addresses")
+        if not items:
+            r.fail(node, path, "an empty list would never be ready; list the egress IPs, or remove the key")
+
+        def one(item: yaml.Node, item_path: Path) -> str:
+            text = r.text(item, item_path, "an IP address")
+            literal = ip_literal(text)
+            if literal is None:
+                r.fail(item, item_path, f"expected an IP address (e.g. 203.0.113.7 or 2a09:8280:1::5), got {text!r}")
+            return str(literal)
+
+        return tuple(r.each(items, path, one))
+
+    def egress_ip_check(self, node: yaml.Node, path: Path) -> EgressIpCheck:
+        """``egress_ip_check``: ``stun`` (HOST:PORT list, required) and ``interval`` (default 60s)."""
+        r = self.r
+        fields = r.mapping(node, path, ("stun", "interval"), ("stun",))
+        items = r.sequence(fields["stun"], path + ("stun",), "HOST:PORT STUN servers")
+        if not items:
+            r.fail(fields["stun"], path + ("stun",), "list at least one STUN server, e.g. stun.cloudflare.com:3478")
+
+        def one(item: yaml.Node, item_path: Path) -> Address:
+            text = r.text(item, item_path, "HOST:PORT")
+            try:
+                return parse_endpoint(text)
+            except ValueError as e:
+                r.fail(item, item_path, str(e))
+
+        servers = tuple(r.each(items, path + ("stun",), one))
+        interval = r.duration(fields["interval"], path + ("interval",)) if "interval" in fields else 60.0
+        if interval <= 0:
+            r.fail(fields["interval"], path + ("interval",), "expected a duration above zero, e.g. 60s")
+        return EgressIpCheck(stun=servers, interval=interval)
 
     def workers(self, node: yaml.Node, path: Path) -> int:
         """``workers``: a count, or ``auto`` for one per CPU this process may use."""

@@ -143,7 +143,9 @@ class ReadyResource(Resource):
     def render_GET(self, request: Request) -> bytes:
         if self.service.ready:
             return respond(request, 200, "ready\n")
-        return respond(request, 503, "draining\n" if self.service.draining else "starting\n")
+        reason = getattr(self.service, "not_ready_reason", None)
+        text = reason() if reason is not None else ("draining" if self.service.draining else "starting")
+        return respond(request, 503, text + "\n")
 
 
 def stats_lines(service: AdminTarget) -> list[str]:

@@ -84,6 +84,15 @@ class EgressCollector:
         for result in RELOAD_RESULTS:
             reloads.add_metric([result], self.service.reloads.get(result, 0))
         yield reloads
+        egress = getattr(self.service, "egress", None)
+        if egress is not None:
+            expected = GaugeMetricFamily(
+                "egressproxy_egress_ip_expected",
+                "1 while the egress address STUN reports is in expected_egress_ips, else 0.",
+                labels=["address"],
+            )
+            expected.add_metric([egress.seen or "unknown"], int(egress.ready))
+            yield expected
 
     def _listener_metrics(self, listeners: Mapping[str, Mapping[str, Any]]) -> Iterator[Metric]:
         total = CounterMetricFamily(
