@@ -11,6 +11,7 @@ import os
 from twisted.application.service import IService
 from twisted.python import usage
 
+from egressproxy import __version__
 from egressproxy.config import Config, ConfigError, load_config
 from egressproxy.app.limits import raise_fd_limit
 
@@ -54,6 +55,10 @@ def makeService(options: Options, reactor=None) -> IService:  # type: ignore[no-
 
     before, after = raise_fd_limit()
     service = EgressService(options.loaded, reactor, worker_index=options["worker"])
+    service.log.info(
+        "egressproxy {version} starting (config {source}, worker {index})",
+        version=__version__, source=options.loaded.source, index=options["worker"],
+    )
     if after != before:
         service.log.info("file descriptor limit raised from {before} to {after}", before=before, after=after)
     # Under twistd, a drain (SIGTERM, SIGINT, POST /drain) ends the process
