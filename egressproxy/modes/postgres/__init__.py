@@ -8,6 +8,8 @@ The package:
   ``client.py`` (the client's first packets, client TLS) and
   ``upstream.py`` (dialling, the upstream's answers, relaying the startup,
   cancels); ``problems.py``: how it says no, and its bounds;
+  ``steps.py``: where the machine waits (``Step``) and its dispatch table
+  ``(step, event type) -> handler``;
 - ``state.py``: the per-listener state (cancel keys, routed sessions, TLS
   options); ``routing.py``: routes by server name;
 - ``pgwire.py`` and ``tlshello.py``: the sans-I/O parsers of the initial

@@ -15,8 +15,9 @@ from egressproxy.modes.postgres import pgwire, tlshello
 from egressproxy.modes.postgres.pgwire import ACCEPT, DECLINE, InitialPacket, ProtocolError
 from egressproxy.modes.postgres.problems import CLIENT_BUFFER_LIMIT, HANDSHAKE_TIMEOUT, Problem
 from egressproxy.modes.postgres.routing import match_route, route_address, valid_server_name
-from egressproxy.datapath.handshake import SendCopy, StartClientTLS
+from egressproxy.datapath.handshake import ClientBytes, ClientEOF, SendCopy, StartClientTLS, TimerFired
 from egressproxy.modes.postgres.state import CANCEL_LINGER, Client
+from egressproxy.modes.postgres.steps import Step
 from egressproxy.modes.postgres.tlshello import ClientHello, HelloError
 
 __all__ = ["ClientSide"]
@@ -33,57 +34,67 @@ class ClientSide:
 
     def _read_packet(self) -> None:
         self._client = Client.PACKET
-        self._expect(pgwire.read_initial_packet, self._on_packet)
+        self._expect(Step.READ_PACKET)
 
-    def _expect(self, parse: Callable[[bytes], Any], then: Callable[[Any], None]) -> None:
-        """Parse the client's bytes with ``parse`` until it has a result, then call ``then``."""
-        self._parse, self._then = parse, then
-        if self._timer is None:
-            self._arm(HANDSHAKE_TIMEOUT, self._client_timed_out)
-        self._client_data(b"")
+    def _expect(self, step: Step) -> None:
+        """Wait in ``step`` for the client's next packet (parsing what is already buffered)."""
+        self._step = step
+        if not self._armed:
+            self._arm(HANDSHAKE_TIMEOUT)
+        self._dispatch(ClientBytes(b""))
 
-    def _client_data(self, data: bytes) -> None:
-        """The client leg's ``forward`` before the splice (never called after it)."""
-        if self._client is Client.RELAY:
-            self._relay_client(data)
-            return
-        if self._client is Client.DONE:
-            return
-        self._buffer += data
+    def _hold_client_bytes(self, event: ClientBytes) -> bool:
+        """Keep the client's bytes (bounded) until a step reads them; False if too many (then closed)."""
+        self._buffer += event.data
         if len(self._buffer) > CLIENT_BUFFER_LIMIT:
             self._client_error(f"more than {CLIENT_BUFFER_LIMIT} bytes before the handshake completed")
-            return
-        parse = self._parse
-        if parse is None:
-            return  # waiting for the upstream: keep (bounded) what arrives
+            return False
+        return True
+
+    def _parsed(self, event: ClientBytes, parse: Callable[[bytearray], Any]) -> Any:
+        """Buffer ``event``'s bytes and parse them: the result once whole, else None (or closed on an error)."""
+        if not self._hold_client_bytes(event):
+            return None
         try:
             result = parse(self._buffer)
         except (ProtocolError, HelloError) as e:
             self._client_error(str(e))
-            return
-        if result is None:
-            return
-        then = self._then
-        self._parse = self._then = None
-        self._disarm()
-        assert then is not None
-        then(result)
+            return None
+        if result is not None:
+            self._disarm()
+        return result
 
-    def _client_eof(self) -> None:
+    def _packet_bytes(self, event: ClientBytes) -> None:
+        result = self._parsed(event, pgwire.read_initial_packet)
+        if result is not None:
+            self._on_packet(result)
+
+    def _hello_bytes(self, event: ClientBytes) -> None:
+        hello = self._parsed(event, tlshello.parse_client_hello)
+        if hello is not None:
+            self._on_hello(hello)
+
+    def _refused_hello_bytes(self, event: ClientBytes) -> None:
+        hello = self._parsed(event, tlshello.parse_client_hello)
+        if hello is not None:
+            self._refuse_direct_tls(hello)
+
+    def _relay_client_bytes(self, event: ClientBytes) -> None:
+        self._relay_client(event.data)
+
+    def _client_eof(self, event: ClientEOF) -> None:
         """The client sent EOF before the splice: it has given up; close."""
-        if self._client is Client.DONE:
-            return
         self._close()
 
-    def _client_timed_out(self) -> None:
-        self._timer = None
+    def _client_timed_out(self, event: TimerFired) -> None:
+        if not self._fired():
+            return
         if self._problem is None:
             self._reject("DPE", "protocol", f"client handshake not complete within {HANDSHAKE_TIMEOUT:g}s")
         self._close()
 
     def _client_error(self, why: str) -> None:
         """The client's bytes are not the protocol: an ErrorResponse if it speaks plaintext, then close."""
-        self._parse = self._then = None
         self._disarm()
         if self._problem is None:
             self._reject("DPE", "protocol", f"protocol error: {why}")
@@ -141,8 +152,7 @@ class ClientSide:
             self._read_hello()
         else:
             # Single cluster: ask the server, then relay its answer.
-            self._on_connected = self._relay_ssl_request
-            self._dial(self.context.cluster)
+            self._dial_for(Step.DIAL_FOR_SSL_RELAY, self.context.cluster)
 
     def _on_direct_tls(self) -> None:
         """A ClientHello instead of a packet: PostgreSQL 17's ``sslnegotiation=direct``."""
@@ -152,7 +162,7 @@ class ClientSide:
         self._ssl_seen = True
         if self.options.tls == "originate" and self._problem is None:
             if self.options.client_tls is None:
-                self._read_hello(then=self._refuse_direct_tls)
+                self._read_hello(refuse=True)
                 return
             held, self._buffer = bytes(self._buffer), bytearray()
             self._start_client_tls(held)
@@ -168,9 +178,9 @@ class ClientSide:
             reason="protocol",
         ))
 
-    def _read_hello(self, then: Callable[[ClientHello], None] | None = None) -> None:
+    def _read_hello(self, refuse: bool = False) -> None:
         self._client = Client.HELLO
-        self._expect(tlshello.parse_client_hello, then or self._on_hello)
+        self._expect(Step.READ_HELLO_TO_REFUSE if refuse else Step.READ_HELLO)
 
     def _on_hello(self, hello: ClientHello) -> None:
         self._hello = hello
@@ -180,8 +190,7 @@ class ClientSide:
             return
         if not self.options.routes:
             # Single cluster, direct TLS: the server must accept an SSLRequest first.
-            self._on_connected = self._send_hello_after_ssl_request
-            self._dial(self.context.cluster)
+            self._dial_for(Step.DIAL_FOR_HELLO, self.context.cluster)
             return
         name = hello.server_name
         if name is None or not valid_server_name(name):
@@ -201,7 +210,6 @@ class ClientSide:
                 tlshello.UNRECOGNIZED_NAME, reason="no_route",
             ))
             return
-        self._on_connected = self._send_hello_after_ssl_request
         if route.cluster is not None:
             cluster = self.context.named_cluster(route.cluster)
             if cluster is None:
@@ -212,7 +220,7 @@ class ClientSide:
                 ))
                 return
             self._target_name = f"cluster {cluster.name}"
-            self._dial(cluster)
+            self._dial_for(Step.DIAL_FOR_HELLO, cluster)
             return
         assert route.upstream is not None
         try:
@@ -222,7 +230,7 @@ class ClientSide:
             return
         self._target_name = str(address)
         # The name came from the client: its addresses are checked (addrguard).
-        self._dial(self.context.cluster, [address], checked=True)
+        self._dial_for(Step.DIAL_FOR_HELLO, self.context.cluster, [address], checked=True)
 
     def _on_startup(self, packet: InitialPacket) -> None:
         if self._problem is not None:
@@ -240,11 +248,8 @@ class ClientSide:
             ))
             return
         self._target_name = f"cluster {self.context.cluster.name}"
-        if self.options.tls == "originate":
-            self._on_connected = self._originate_ssl_request
-        else:
-            self._on_connected = self._send_startup
-        self._dial(self.context.cluster)
+        originate = self.options.tls == "originate"
+        self._dial_for(Step.DIAL_TO_ORIGINATE if originate else Step.DIAL_FOR_STARTUP, self.context.cluster)
 
     def _on_cancel(self, packet: InitialPacket) -> None:
         assert packet.cancel is not None
@@ -255,8 +260,7 @@ class ClientSide:
         if target is not None:
             self._target_name = str(target.address)
             self._up_tls = True if target.tls else None
-            self._on_connected = self._send_cancel
-            self._dial(target.cluster, [target.address])
+            self._dial_for(Step.DIAL_FOR_CANCEL, target.cluster, [target.address])
             return
         if self.config.cluster is None:
             # A routed listener: a plaintext cancel names no server; try the
@@ -269,8 +273,7 @@ class ClientSide:
         self._target_name = f"cluster {cluster.name}"
         if self.options.tls == "originate":
             self._up_tls = True  # the options are made per endpoint once connected
-        self._on_connected = self._send_cancel
-        self._dial(cluster)
+        self._dial_for(Step.DIAL_FOR_CANCEL, cluster)
 
     def _cancel_by_source(self, packet: bytes) -> None:
         source = peer_ip(self.context.peer)
@@ -283,8 +286,7 @@ class ClientSide:
         for target in others:
             self.emit(SendCopy(target.cluster, target.address, packet, CANCEL_LINGER))
         self._target_name = str(first.address)
-        self._on_connected = self._send_cancel
-        self._dial(first.cluster, [first.address])
+        self._dial_for(Step.DIAL_FOR_CANCEL, first.cluster, [first.address])
 
     # -- TLS from the client, terminated here (client_tls) ------------------------
 

@@ -3,13 +3,14 @@
 The conversation itself is split in two mixins, ``client_side.py`` (the
 client's first packets) and ``upstream_side.py`` (the server's answers);
 this class holds the state they share, and the package notes say how it
-all fits.  It is pure (``datapath/handshake.py``): every effect is an
-action it emits, applied by the driver.
+all fits.  Where it waits is a ``steps.Step``; what it does there with
+each event is ``steps.TABLE`` (``receive`` looks it up, nothing else).
+It is pure (``datapath/handshake.py``): every effect is an action it
+emits, applied by the driver.
 """
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Callable
 from typing import Any
 
@@ -19,8 +20,6 @@ from egressproxy.datapath.driver import TLSUnavailable
 from egressproxy.datapath.handshake import (
     Abort,
     ArmTimer,
-    ClientBytes,
-    ClientEOF,
     Close,
     CloseUpstream,
     Connected,
@@ -33,12 +32,9 @@ from egressproxy.datapath.handshake import (
     Log,
     Refuse,
     Splice,
-    TimerFired,
-    UpstreamBytes,
     UpstreamEOF,
     UpstreamLost,
     WriteClient,
-    WriteUpstream,
 )
 from egressproxy.modes.base import Handshake
 from egressproxy.modes.postgres import pgwire, tlshello
@@ -47,6 +43,7 @@ from egressproxy.modes.postgres.options import PostgresOptions
 from egressproxy.modes.postgres.pgwire import ACCEPT, CancelKey, InitialPacket
 from egressproxy.modes.postgres.problems import Problem
 from egressproxy.modes.postgres.state import CancelTarget, Client, PostgresListenerState
+from egressproxy.modes.postgres.steps import TABLE, Step
 from egressproxy.modes.postgres.tlshello import ClientHello
 from egressproxy.modes.postgres.upstream_side import UpstreamSide
 
@@ -74,10 +71,9 @@ class PostgresMachine(ClientSide, UpstreamSide, Handshake):
         #: Client bytes read and not yet consumed (forwarded at the splice);
         #: a bytearray, so that a client sending one byte at a time costs linear time.
         self._buffer = bytearray()
-        #: The client read in progress: a parser of ``_buffer`` and what to do with its result.
-        self._parse: Callable[[bytes], Any] | None = None
-        self._then: Callable[[Any], None] | None = None
-        #: Where the client conversation is.
+        #: Where the machine waits: what it does with each event (``steps.TABLE``).
+        self._step = Step.READ_PACKET
+        #: Where the client conversation is (how to say no to it).
         self._client = Client.PACKET
         self._ssl_seen = False
         self._gss_seen = False
@@ -87,11 +83,8 @@ class PostgresMachine(ClientSide, UpstreamSide, Handshake):
         self._hello: ClientHello | None = None
         #: Set when refusing: answered as soon as the client is ready to hear it.
         self._problem: Problem | None = None
-        #: Upstream bytes read and not yet consumed, and what to do with them.
+        #: Upstream bytes read and not yet consumed.
         self._up_buffer = b""
-        self._up_step: Callable[[], None] | None = None
-        #: What to do once the upstream is connected.
-        self._on_connected: Callable[[], None] | None = None
         #: The upstream is being closed on purpose: its loss needs no answer.
         self._dropping = False
         #: TLS to the upstream (originate, or a cancel to a TLS backend): set when asked for.
@@ -111,8 +104,8 @@ class PostgresMachine(ClientSide, UpstreamSide, Handshake):
         self._upstream = "-"
         self._cluster: Any = None
         self._address: Any = None
-        #: What the timer does when it fires (None: not armed).
-        self._timer: Callable[[], None] | None = None
+        #: The timer is armed (what its firing means depends on the step).
+        self._armed = False
 
     # -- the machine ------------------------------------------------------------
 
@@ -149,42 +142,30 @@ class PostgresMachine(ClientSide, UpstreamSide, Handshake):
 
     def receive(self, event: Any) -> list[Any]:
         self._out = []
-        if isinstance(event, ClientBytes):
-            self._client_data(event.data)
-        elif isinstance(event, ClientEOF):
-            self._client_eof()
-        elif isinstance(event, UpstreamBytes):
-            self._upstream_data(event.data)
-        elif isinstance(event, UpstreamEOF):
-            self.emit(CloseUpstream(answered=False))  # its loss reaches the machine
-        elif isinstance(event, Connected):
-            self._connected(event)
-        elif isinstance(event, DialFailed):
-            self._dial_failed(event)
-        elif isinstance(event, UpstreamLost):
-            self._upstream_lost(event)
-        elif isinstance(event, TimerFired):
-            callback, self._timer = self._timer, None
-            if callback is not None:
-                callback()
-        elif isinstance(event, TLSUnavailable):
-            self._tls_unavailable(event)
+        self._dispatch(event)
         return self._out
+
+    def _dispatch(self, event: Any) -> None:
+        """Do what ``steps.TABLE`` says this step does with ``event`` (nothing, if it has no row)."""
+        handler = HANDLERS.get((self._step, type(event)))
+        if handler is not None:
+            handler(self, event)
 
     def emit(self, *actions: Any) -> None:
         self._out.extend(actions)
 
     def _connected(self, event: Connected) -> None:
-        """Connected: run the plan chosen when dialling (an SSLRequest, the startup, a cancel)."""
-        if self._client is Client.DONE:
-            return  # the session is closing the client; it closes this leg too
+        """Connected (in a ``DIAL_*`` step, whose handler then goes on): note where."""
         self._disarm()
         self._cluster, self._address = event.cluster, event.address
         self._upstream = str(event.address)
         self._up_buffer = b""
-        on_connected, self._on_connected = self._on_connected, None
-        assert on_connected is not None
-        on_connected()
+
+    def _upstream_eof(self, event: UpstreamEOF) -> None:
+        self.emit(CloseUpstream(answered=False))  # its loss reaches the machine
+
+    def _ignore(self, event: Any) -> None:
+        pass
 
     def _dial_failed(self, event: DialFailed) -> None:
         """The dial failed (``UF``, ``UT``, ``UO``): answer the client in its terms."""
@@ -240,8 +221,7 @@ class PostgresMachine(ClientSide, UpstreamSide, Handshake):
                 "error", "{listener}: cannot load client_tls certificate: {error}",
                 (("listener", self.config.name), ("error", event.error)), LOG_NAMESPACE,
             ))
-            self._client = Client.DONE
-            self._parse = self._then = None
+            self._client, self._step = Client.DONE, Step.DONE
             self._disarm()
             self._reject("DPE", "protocol", "client_tls certificate unusable")
             self.emit(Refuse(how="abort"))
@@ -256,8 +236,8 @@ class PostgresMachine(ClientSide, UpstreamSide, Handshake):
 
     def ended(self) -> list[Any]:
         """The session ended: forget this session's cancel key and source entry."""
-        self._timer = None
-        self._client = Client.DONE
+        self._armed = False
+        self._client, self._step = Client.DONE, Step.DONE
         if self._key is not None and self.state.backend_keys.get(self._key) is self._target:
             del self.state.backend_keys[self._key]
         if self._routed_source is not None:
@@ -269,7 +249,7 @@ class PostgresMachine(ClientSide, UpstreamSide, Handshake):
     def _splice(self) -> None:
         """Hand both legs to the splice, leftovers first."""
         self._disarm()
-        self._client = Client.SPLICED
+        self._client, self._step = Client.SPLICED, Step.SPLICED
         rest, self._buffer = bytes(self._buffer), bytearray()
         up_rest, self._up_buffer = self._up_buffer, b""
         if self._hello is not None and self.options.routes and self._packet is None:
@@ -326,7 +306,6 @@ class PostgresMachine(ClientSide, UpstreamSide, Handshake):
         self._fail(problem)
 
     def _drop_upstream(self, abort: bool = False) -> None:
-        self._up_step = None
         self._dropping = True
         self.emit(CloseUpstream(abort=abort))
 
@@ -362,23 +341,36 @@ class PostgresMachine(ClientSide, UpstreamSide, Handshake):
         self.emit(WriteClient(data))
 
     def _close(self) -> None:
-        self._client = Client.DONE
-        self._parse = self._then = None
+        self._client, self._step = Client.DONE, Step.DONE
         self._disarm()
         self.emit(Close())
 
     def _abort(self) -> None:
         self.emit(Abort())
 
-    def _arm(self, seconds: float, callback: Callable[[], None]) -> None:
-        self._timer = callback
+    def _arm(self, seconds: float) -> None:
+        """Arm the timer: what its firing does is the step's ``TimerFired`` row."""
+        self._armed = True
         self.emit(ArmTimer(seconds, TIMER))
 
     def _disarm(self) -> None:
-        if self._timer is not None:
-            self._timer = None
+        if self._armed:
+            self._armed = False
             self.emit(DisarmTimer(TIMER))
 
-    def _dial(self, cluster: Any, endpoints: list[Any] | None = None, checked: bool = False) -> None:
+    def _fired(self) -> bool:
+        """The timer fired: True if it was armed (it is not any more)."""
+        armed, self._armed = self._armed, False
+        return armed
+
+    def _dial_for(self, step: Step, cluster: Any, endpoints: list[Any] | None = None, checked: bool = False) -> None:
+        """Dial, waiting in ``step`` (a ``DIAL_*`` one) for the connection."""
+        self._step = step
         self._disarm()
         self.emit(Dial(cluster, tuple(endpoints) if endpoints is not None else None, checked))
+
+
+#: ``steps.TABLE`` with its names resolved: ``(step, event type) -> handler``.
+HANDLERS: dict[tuple[Step, type], Callable[[PostgresMachine, Any], None]] = {
+    key: getattr(PostgresMachine, name) for key, name in TABLE.items()
+}

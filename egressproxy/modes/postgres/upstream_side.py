@@ -7,8 +7,6 @@ saying no; the client half is ``client_side.py``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from egressproxy.addresses import format_peer
 from egressproxy.config.model import Address
 from egressproxy.modes.postgres import pgwire, tlshello
@@ -20,8 +18,11 @@ from egressproxy.modes.postgres.problems import (
     UPSTREAM_BUFFER_LIMIT,
     Problem,
 )
-from egressproxy.datapath.handshake import Abort, Count, Flag, Log, StartUpstreamTLS, WriteUpstream
+from egressproxy.datapath.handshake import (
+    Abort, Connected, Count, Flag, Log, StartUpstreamTLS, TimerFired, UpstreamBytes, WriteUpstream,
+)
 from egressproxy.modes.postgres.state import CANCEL_LINGER, CancelTarget, Client
+from egressproxy.modes.postgres.steps import Step
 
 __all__ = ["UpstreamSide"]
 
@@ -34,30 +35,24 @@ class UpstreamSide:
 
     # -- dialling and the upstream's answers -----------------------------------------
 
-    def _upstream_data(self, data: bytes) -> None:
-        """The upstream leg's ``forward`` until the splice."""
-        if self._client is Client.RELAY:
-            self._relay_upstream(data)
-            return
-        self._up_buffer += data
+    def _hold_upstream_bytes(self, event: UpstreamBytes) -> bool:
+        """Keep the upstream's bytes (bounded) until a step reads them; False if too many (then dropped)."""
+        self._up_buffer += event.data
         if len(self._up_buffer) > UPSTREAM_BUFFER_LIMIT:
             self._upstream_problem(self._protocol_problem("sent too much before the handshake completed"))
-            return
-        step = self._up_step
-        if step is not None:
-            self._up_step = None
-            step()
+            return False
+        return True
 
-    def _await_upstream(self, step: Callable[[], None], timeout: float = HANDSHAKE_TIMEOUT) -> None:
-        """Run ``step`` once the upstream has sent a byte (or at once if it has)."""
-        self._arm(timeout, self._upstream_timed_out)
+    def _await_upstream(self, step: Step, timeout: float = HANDSHAKE_TIMEOUT) -> None:
+        """Wait in ``step`` (an ``AWAIT_*`` one) for the upstream's answer (handled at once if it has sent one)."""
+        self._step = step
+        self._arm(timeout)
         if self._up_buffer:
-            step()
-        else:
-            self._up_step = step
+            self._dispatch(UpstreamBytes(b""))
 
-    def _upstream_timed_out(self) -> None:
-        self._timer = None
+    def _upstream_timed_out(self, event: TimerFired) -> None:
+        if not self._fired():
+            return
         self._upstream_problem(Problem(
             "UT", pgwire.SQLSTATE_CANNOT_CONNECT,
             f"{self._upstream} did not answer within {HANDSHAKE_TIMEOUT:g}s: "
@@ -75,9 +70,10 @@ class UpstreamSide:
 
     # Routed, or a direct-TLS client of a single cluster.
 
-    def _send_hello_after_ssl_request(self) -> None:
+    def _send_hello_after_ssl_request(self, event: Connected) -> None:
+        self._connected(event)
         self._write_up(SSL_REQUEST)
-        self._await_upstream(self._hello_answer)
+        self._await_upstream(Step.AWAIT_TLS_ACCEPT_FOR_HELLO)
 
     def _tls_accepted(self) -> bool:
         """The upstream answered our SSLRequest with ``S`` and nothing more; else say why."""
@@ -91,18 +87,21 @@ class UpstreamSide:
             return False
         return True
 
-    def _hello_answer(self) -> None:
-        if self._tls_accepted():
+    def _hello_answer(self, event: UpstreamBytes) -> None:
+        if self._hold_upstream_bytes(event) and self._tls_accepted():
             # The ClientHello (still in the buffer, as received) goes first.
             self._splice()
 
     # A single cluster, an SSLRequest from the client.
 
-    def _relay_ssl_request(self) -> None:
+    def _relay_ssl_request(self, event: Connected) -> None:
+        self._connected(event)
         self._write_up(SSL_REQUEST)
-        self._await_upstream(self._relay_ssl_answer)
+        self._await_upstream(Step.AWAIT_SSL_ANSWER)
 
-    def _relay_ssl_answer(self) -> None:
+    def _relay_ssl_answer(self, event: UpstreamBytes) -> None:
+        if not self._hold_upstream_bytes(event):
+            return
         self._disarm()
         answer = self._up_buffer[:1]
         if answer == DECLINE and self.options.require_tls:
@@ -121,19 +120,21 @@ class UpstreamSide:
 
     # A single cluster, a plaintext StartupMessage.
 
-    def _send_startup(self) -> None:
+    def _send_startup(self, event: Connected) -> None:
+        self._connected(event)
         assert self._packet is not None
         self._write_up(self._packet.data)
-        self._await_upstream(self._start_relay)
+        self._await_upstream(Step.AWAIT_STARTUP_ANSWER)
 
     # Originate.
 
-    def _originate_ssl_request(self) -> None:
+    def _originate_ssl_request(self, event: Connected) -> None:
+        self._connected(event)
         self._write_up(SSL_REQUEST)
-        self._await_upstream(self._originate_answer)
+        self._await_upstream(Step.ORIGINATE_AWAIT_S)
 
-    def _originate_answer(self) -> None:
-        if not self._tls_accepted():
+    def _originate_answer(self, event: UpstreamBytes) -> None:
+        if not self._hold_upstream_bytes(event) or not self._tls_accepted():
             return
         if not self._start_upstream_tls():
             return
@@ -141,7 +142,7 @@ class UpstreamSide:
         # Held by the TLS layer until the handshake completes; the server's
         # first answer therefore also proves the handshake and verification.
         self._write_up(self._packet.data)
-        self._await_upstream(self._start_relay)
+        self._await_upstream(Step.AWAIT_STARTUP_ANSWER)
 
     def _start_upstream_tls(self) -> bool:
         """Ask for verified TLS on the upstream leg (a ca_file that cannot be used comes back as TLSUnavailable)."""
@@ -155,13 +156,15 @@ class UpstreamSide:
 
     # After the server's first answer (originate, or a plaintext single cluster).
 
-    def _start_relay(self) -> None:
+    def _start_relay(self, event: UpstreamBytes) -> None:
         """Relay the startup phase both ways, watching for BackendKeyData, until ReadyForQuery."""
+        if not self._hold_upstream_bytes(event):
+            return
         self._disarm()
-        self._client = Client.RELAY
+        self._client, self._step = Client.RELAY, Step.RELAY
         originate = self.options.tls == "originate"
         self._scanner = pgwire.StartupAnswer(strip_channel_binding=originate and not self._client_tls)
-        self._arm(STARTUP_TIMEOUT, self._startup_timed_out)
+        self._arm(STARTUP_TIMEOUT)
         early, self._buffer = bytes(self._buffer), bytearray()
         if early:
             self._relay_client(early)
@@ -211,6 +214,9 @@ class UpstreamSide:
         self._drop_upstream()
         self._close()
 
+    def _relay_upstream_bytes(self, event: UpstreamBytes) -> None:
+        self._relay_upstream(event.data)
+
     def _relay_upstream(self, data: bytes) -> None:
         scanner = self._scanner
         assert scanner is not None
@@ -243,9 +249,9 @@ class UpstreamSide:
             ), LOG_NAMESPACE),
         )
 
-    def _startup_timed_out(self) -> None:
-        self._timer = None
-        self.emit(Flag("DI"), Abort())
+    def _startup_timed_out(self, event: TimerFired) -> None:
+        if self._fired():
+            self.emit(Flag("DI"), Abort())
 
     def _register_key(self, key: CancelKey) -> None:
         target = CancelTarget(self._cluster, self._address, self._up_tls is not None)
@@ -254,20 +260,28 @@ class UpstreamSide:
 
     # Cancels.
 
-    def _send_cancel(self) -> None:
+    def _send_cancel(self, event: Connected) -> None:
+        self._connected(event)
         assert self._packet is not None
         if self._up_tls is not None:
             self._write_up(SSL_REQUEST)
-            self._await_upstream(self._cancel_answer)
+            self._await_upstream(Step.CANCEL_AWAIT_S)
             return
         self._write_up(self._packet.data)
         self._await_cancel_close()
 
     def _await_cancel_close(self) -> None:
         """The cancel is sent: wait for the server to hang up (ending the session), as libpq does."""
-        self._arm(CANCEL_LINGER, self._close)
+        self._step = Step.CANCEL_SENT
+        self._arm(CANCEL_LINGER)
 
-    def _cancel_answer(self) -> None:
+    def _cancel_linger_over(self, event: TimerFired) -> None:
+        if self._fired():
+            self._close()
+
+    def _cancel_answer(self, event: UpstreamBytes) -> None:
+        if not self._hold_upstream_bytes(event):
+            return
         self._disarm()
         answer = self._consume_upstream(1)
         if answer != ACCEPT or self._up_buffer:
