@@ -12,7 +12,8 @@ The configurations are what an operator would write for a TCP forward, with
 the limits raised so that no peer refuses the test load by its own cap:
 HAProxy's ``maxconn`` (sized to the descriptor limit, since HAProxy refuses to
 start when it cannot reserve two descriptors per connection), egressproxy's
-per-listener ``max_connections`` and per-cluster circuit breaker
+per-listener ``max_connections`` (and ``max_connections_per_source``: every
+benchmark client is 127.0.0.1) and per-cluster circuit breaker
 (``max_connections``, ``max_pending``; the defaults, 1024 and 128, would
 refuse parts of the 2,000 and 10,000 connection tests by design), and socat's
 listen backlog (5 by default). HAProxy runs its default of one thread per
@@ -89,6 +90,8 @@ def egressproxy_config(ports: Mapping[str, int], upstreams: Mapping[str, int], w
             f'    listen: "127.0.0.1:{ports[name]}"\n'
             f"    cluster: {name}\n"
             f"    max_connections: 20000\n"
+            # Every benchmark client is 127.0.0.1: one source must be allowed the lot.
+            f"    max_connections_per_source: 20000\n"
         )
         clusters.append(
             f"  - name: {name}\n"
