@@ -3,7 +3,7 @@
 #   docker build -t egressproxy .
 #   docker run --rm -e PG_HOST=your-db.pg.example.cloud -p 5432:5432 -p 6432:6432 -p 9091:9091 egressproxy
 #
-# On Fly.io, `fly deploy` builds it (see fly.toml and docs/deploy-fly.md).
+# On Fly.io, `fly deploy` builds it (see fly.toml and the README, "Deploy on Fly.io").
 # The config is read from /etc/egressproxy/egressproxy.yaml; values such as
 # ${PG_HOST} come from the environment (Fly secrets), so one image serves any
 # database. To ship a different file, replace it at that path (for example
