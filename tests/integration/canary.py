@@ -2,10 +2,10 @@
 
 Run it inside a test's network namespace::
 
-    python -m tests.integration.canary --log FILE --listen 10.0.0.5:8080 --listen [fd00::5]:8080 ...
+    ip netns exec NS python -m tests.integration.canary --log FILE --listen 10.0.0.5:8080 --listen [fd00::5]:8080 ...
 
 Each accepted connection appends one line ``LOCAL <- PEER`` to ``--log``
-(``10.0.0.5:8080 <- 10.0.0.5:41234``) before anything is read, so a test can
+(``10.0.0.5:8080 <- 10.0.0.5:41234``, addresses of the netns) before anything is read, so a test can
 prove an address was never dialled (no line) or was (a line).  Then, if the
 peer sends an HTTP request head, it answers ``200`` with the body
 ``canary LOCAL`` and closes; anything else (a Postgres SSLRequest, ...) is

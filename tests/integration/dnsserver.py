@@ -5,7 +5,7 @@ Run it inside a test's network namespace::
     python -m tests.integration.dnsserver --zone ZONE.json --listen 127.0.0.1:53 [--log FILE]
 
 The zone maps names to lists of IP addresses: exact names
-(``"db.partner.example": ["10.0.0.5"]``) and wildcards
+(``"db.partner.example": ["10.0.0.5"]``, an address in the netns) and wildcards
 (``"*.partner.example": [...]``, which match any name strictly below the
 suffix; an exact name wins over a wildcard).  IPv4 addresses answer ``A``
 queries, IPv6 ones ``AAAA`` (``::ffff:127.0.0.1`` too: it is an AAAA record).
