@@ -165,7 +165,7 @@ class CollectorTests(SynchronousTestCase):
         self.families = scrape(make_registry(self.service))
 
     def test_family_names(self) -> None:
-        """The egressproxy families are the eleven DESIGN.md names plus Postgres login refusals and policy reports."""
+        """The eleven DESIGN.md names plus Postgres login refusals, policy reports and the info series."""
         self.assertEqual(
             sorted(name for name in self.families if name.startswith("egressproxy_")),
             [
@@ -175,6 +175,7 @@ class CollectorTests(SynchronousTestCase):
                 "egressproxy_downstream_connections",
                 "egressproxy_downstream_connections_active",
                 "egressproxy_downstream_rejected",
+                "egressproxy_info",
                 "egressproxy_policy_reported",
                 "egressproxy_postgres_login_refused",
                 "egressproxy_upstream_connect_failures",
@@ -197,6 +198,7 @@ class CollectorTests(SynchronousTestCase):
                 "egressproxy_downstream_connections": "counter",
                 "egressproxy_downstream_connections_active": "gauge",
                 "egressproxy_downstream_rejected": "counter",
+                "egressproxy_info": "gauge",
                 "egressproxy_policy_reported": "counter",
                 "egressproxy_postgres_login_refused": "counter",
                 "egressproxy_upstream_connect_failures": "counter",
@@ -208,11 +210,14 @@ class CollectorTests(SynchronousTestCase):
         )
 
     def test_label_names(self) -> None:
-        """Labels are only listener, cluster, endpoint, reason, result and the bucket bound."""
+        """Labels are only listener, cluster, endpoint, reason, result and the bucket bound.
+
+        ``egressproxy_info`` alone carries version, region and machine_id (see origin.py).
+        """
         names = {
             label
             for name, family in self.families.items()
-            if name.startswith("egressproxy_")
+            if name.startswith("egressproxy_") and name != "egressproxy_info"
             for sample in family.samples
             for label in sample.labels
         }

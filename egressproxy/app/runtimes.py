@@ -29,6 +29,7 @@ from twisted.internet.interfaces import IAddress, IListeningPort, IReactorCore
 from twisted.logger import Logger
 
 from egressproxy.observe.accesslog import make_access_logger
+from egressproxy.observe.origin import NO_ORIGIN, Origin
 from egressproxy.upstream.addrguard import OwnSockets
 from egressproxy.addresses import format_host_port, peer_ip
 from egressproxy.config import ClusterConfig, Config, HealthCheckConfig, ListenerConfig
@@ -60,11 +61,14 @@ class ServiceRuntimes:
         access_stream: IO[str],
         worker_count: int,
         own_sockets: OwnSockets,
+        origin: Origin = NO_ORIGIN,
     ) -> None:
         self.config = config
         self.reactor = reactor
         self.access_stream = access_stream
-        self.access_log = make_access_logger(access_stream, config.access_log.format)
+        #: This Machine's region and ID (on Fly), written on every access line.
+        self.origin = origin
+        self.access_log = make_access_logger(access_stream, config.access_log.format, origin)
         #: How many processes share the limits (``workers: N``); see egressproxy.app.workers.
         self.worker_count = worker_count
         #: Never dialled, by any mode (``addrguard``).
@@ -236,7 +240,7 @@ class ServiceRuntimes:
         # 3. Commit.
         self.config = new
         if new.access_log != old.access_log:
-            self.access_log = make_access_logger(self.access_stream, new.access_log.format)
+            self.access_log = make_access_logger(self.access_stream, new.access_log.format, self.origin)
         for name, cluster_config in new_clusters.items():
             runtime = cluster_of[name]
             if name in self.clusters and runtime.config != cluster_config:

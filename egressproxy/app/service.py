@@ -68,6 +68,7 @@ from egressproxy.observe.admin import ADMIN_TOKEN_ENV, admin_token, build_admin_
 from egressproxy.config import Config, ConfigError, load_config
 from egressproxy.app.listen import ListenError, listen
 from egressproxy.observe.metrics import make_registry
+from egressproxy.observe.origin import Origin
 from egressproxy.app.runtimes import ServiceRuntimes, format_bound
 from egressproxy.observe.snapshot import Snapshot
 from egressproxy.app.workers import STOP_GRACE, ParentWatch, SnapshotSender, WorkerPool, share_limits, worker_argv
@@ -103,6 +104,7 @@ class EgressService(ServiceRuntimes, MultiService):
             config.workers,
             # Never dialled, by any mode (``addrguard``): read live from ``ports`` and ``http_ports``.
             OwnSockets(self._bound_sockets),
+            Origin.from_environ(self.environ),
         )
         self._reload_config = reload_config or (lambda: load_config(self.config.source, os.environ))
         #: Called once a drain requested over HTTP is complete (twistd: reactor.stop).

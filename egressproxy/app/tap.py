@@ -56,9 +56,16 @@ def makeService(options: Options, reactor=None) -> IService:  # type: ignore[no-
     before, after = raise_fd_limit()
     service = EgressService(options.loaded, reactor, worker_index=options["worker"])
     service.log.info(
-        "egressproxy {version} starting (config {source}, worker {index})",
+        "egressproxy {version} starting (config {source}, worker {index}){origin}",
         version=__version__, source=options.loaded.source, index=options["worker"],
+        origin=service.origin.text_fields(),
     )
+    if options.loaded.expected_egress_ips is not None:
+        service.log.info(
+            "expecting to egress from {ips}{region}",
+            ips=", ".join(options.loaded.expected_egress_ips),
+            region=f" (region {service.origin.region})" if service.origin.region else "",
+        )
     if after != before:
         service.log.info("file descriptor limit raised from {before} to {after}", before=before, after=after)
     # Under twistd, a drain (SIGTERM, SIGINT, POST /drain) ends the process

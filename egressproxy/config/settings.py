@@ -122,7 +122,39 @@ class Settings:
         return r.built(node, path, HttpServiceConfig, listen=listen)
 
     def egress_ips(self, node: yaml.Node, path: Path) -> tuple[str, ...]:
-        """``expected_egress_ips``: the app's static egress addresses (IP literals)."""
+        """``expected_egress_ips``: a list of IP literals, or one list per Fly region.
+
+        App-scoped egress IPs are per region, so the mapping form
+        (``{ams: [...], iad: [...]}``) is resolved here, once, against
+        ``FLY_REGION``: the Machine checks only its own region's addresses.
+        A region missing from the mapping is an error (the Machine would
+        never be ready); without ``FLY_REGION`` (outside Fly) any listed
+        address counts.
+        """
+        if isinstance(node, yaml.MappingNode):
+            return self._regional_egress_ips(node, path)
+        return self._egress_ip_list(node, path)
+
+    def _regional_egress_ips(self, node: yaml.MappingNode, path: Path) -> tuple[str, ...]:
+        r = self.r
+        fields = {key: value for key, (_, value) in r.entries(node, path).items()}
+        if not fields:
+            r.fail(node, path, "an empty mapping would never be ready; list each region's egress IPs")
+        per_region = {
+            region: self._egress_ip_list(item, path + (region,)) for region, item in fields.items()
+        }
+        region = r.environ.get("FLY_REGION", "").strip()
+        if not region:
+            return tuple(dict.fromkeys(ip for ips in per_region.values() for ip in ips))
+        if region not in per_region:
+            r.fail(
+                node, path,
+                f"no entry for this Machine's region FLY_REGION={region!r} (listed: {', '.join(per_region)}); "
+                f"add `{region}: [<its egress IPs>]` (`fly ips list` shows them) or remove the region's Machines",
+            )
+        return per_region[region]
+
+    def _egress_ip_list(self, node: yaml.Node, path: Path) -> tuple[str, ...]:
         r = self.r
         items = r.sequence(node, path, "IP addresses")
         if not items:

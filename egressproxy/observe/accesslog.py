@@ -31,6 +31,8 @@ from typing import IO, Callable
 import attrs
 from twisted.logger import FileLogObserver, Logger
 
+from egressproxy.observe.origin import NO_ORIGIN, Origin
+
 #: Response flags, as Envoy spells them, and what each means here.
 FLAGS = {
     "UF": "upstream connect failure (refused, unreachable, DNS)",
@@ -130,14 +132,26 @@ def format_json(record: AccessRecord) -> str:
 FORMATTERS: dict[str, Callable[[AccessRecord], str]] = {"text": format_text, "json": format_json}
 
 
-def make_access_logger(stream: IO[str], format: str = "text") -> Logger:
+def with_origin(formatter: Callable[[AccessRecord], str], format: str, origin: Origin) -> Callable[[AccessRecord], str]:
+    """``formatter`` whose lines also say which Machine wrote them (see ``origin.py``); itself when off Fly."""
+    if origin == NO_ORIGIN:
+        return formatter
+    if format == "json":
+        extra = json.dumps(origin.json_fields(), separators=(",", ":"))[1:-1]
+        return lambda record: formatter(record)[:-1] + "," + extra + "}"
+    suffix = origin.text_fields()
+    return lambda record: formatter(record) + suffix
+
+
+def make_access_logger(stream: IO[str], format: str = "text", origin: Origin = NO_ORIGIN) -> Logger:
     """A Logger whose only observer writes each record as one line to ``stream``.
 
     A Logger given its own observer never reaches the global log publisher,
     so access lines are not duplicated in twistd's log.  Emit records with
-    ``logger.info("{record}", record=record)``.
+    ``logger.info("{record}", record=record)``.  On Fly, each line ends with
+    the Machine's region and ID (``origin``).
     """
-    formatter = FORMATTERS[format]
+    formatter = with_origin(FORMATTERS[format], format, origin)
 
     def format_event(event: dict) -> str | None:
         record = event.get("record")

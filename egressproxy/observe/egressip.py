@@ -79,7 +79,8 @@ class _Probe(DatagramProtocol):
         self.reactor = reactor
         self.address = address
         self.request, self.transaction_id = binding_request()
-        self.deferred: defer.Deferred[str] = defer.Deferred()
+        # Cancelling (the watch stopping) ends the transaction: timers and socket.
+        self.deferred: defer.Deferred[str] = defer.Deferred(lambda _: self._end())
         self._calls: list[Any] = []
 
     def startProtocol(self) -> None:
@@ -172,6 +173,7 @@ class EgressIpWatch:
         self.error: str | None = None
         self.checked_at: float | None = None
         self._loop: LoopingCall | None = None
+        self._current: defer.Deferred[None] | None = None
 
     @property
     def ready(self) -> bool:
@@ -189,14 +191,22 @@ class EgressIpWatch:
     def start(self) -> None:
         if self.expected is None or self._loop is not None:
             return
-        self._loop = LoopingCall(lambda: defer.ensureDeferred(self.check()))
+        self._loop = LoopingCall(self._check_now)
         self._loop.clock = self.reactor
         self._loop.start(self.interval, now=True)
 
+    def _check_now(self) -> defer.Deferred[None]:
+        self._current = defer.ensureDeferred(self.check())
+        return self._current
+
     def stop(self) -> None:
+        """Stop probing; a probe in flight is abandoned, its socket closed at once."""
         if self._loop is not None and self._loop.running:
             self._loop.stop()
         self._loop = None
+        if self._current is not None and not self._current.called:
+            self._current.cancel()
+        self._current = None
 
     async def check(self) -> None:
         """One probe; logs once per change of address or verdict."""
@@ -206,6 +216,8 @@ class EgressIpWatch:
             self.error = None
         except ProbeFailed as e:
             self.error = str(e)
+        except defer.CancelledError:
+            return
         self.checked_at = self.reactor.seconds()
         if (self.seen, self.ready) == before:
             return

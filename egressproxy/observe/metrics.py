@@ -36,8 +36,10 @@ from prometheus_client.process_collector import ProcessCollector
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
+from egressproxy import __version__
 from egressproxy.observe import snapshot
 from egressproxy.observe.histogram import Histogram
+from egressproxy.observe.origin import NO_ORIGIN
 from egressproxy.datapath.listener import ListenerRuntime
 from egressproxy.observe.snapshot import Snapshot
 from egressproxy.upstream.cluster import UpstreamCluster
@@ -73,6 +75,7 @@ class EgressCollector:
 
     def collect(self) -> Iterator[Metric]:
         """Yield every egressproxy metric family with its current values."""
+        yield self._info()
         totals = snapshot.take(self.service)
         for other in self.service.worker_snapshots():
             snapshot.add(totals, other, only_known=True)
@@ -93,6 +96,17 @@ class EgressCollector:
             )
             expected.add_metric([egress.seen or "unknown"], int(egress.ready))
             yield expected
+
+    def _info(self) -> Metric:
+        """``egressproxy_info{version,region,machine_id} 1``: which build and which Machine (see origin.py)."""
+        origin = getattr(self.service, "origin", NO_ORIGIN)
+        info = GaugeMetricFamily(
+            "egressproxy_info",
+            "Always 1; the labels say which version runs and on which Fly region and Machine (empty off Fly).",
+            labels=["version", "region", "machine_id"],
+        )
+        info.add_metric([__version__, origin.region, origin.machine_id], 1)
+        return info
 
     def _listener_metrics(self, listeners: Mapping[str, Mapping[str, Any]]) -> Iterator[Metric]:
         total = CounterMetricFamily(

@@ -64,7 +64,9 @@ class InProcessProxy:
             metrics=config.metrics if "metrics:" in yaml_text else ephemeral,
         )
         self.access = io.StringIO()
-        self.service = EgressService(self.config, reactor, access_stream=self.access)
+        self.service = EgressService(
+            self.config, reactor, access_stream=self.access, environ=dict(environ) if environ is not None else None
+        )
         self.service.startService()
         testcase.addCleanup(self.stop)
 
