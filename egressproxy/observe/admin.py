@@ -5,7 +5,8 @@ Two sites share the same small resources:
 - the metrics site (``metrics.listen``, exposed to Fly's scraper): GET and HEAD
   of ``/metrics``, ``/ready`` and ``/healthz``, and nothing else;
 - the admin site (``admin.listen``, loopback by default): the same three plus
-  ``/stats``, ``/clusters``, ``POST /drain`` and ``POST /reload``.
+  ``/stats``, ``/clusters``, the status page (``/`` and ``/status.json``),
+  ``POST /drain`` and ``POST /reload``.
 
 The resources are thin adapters over the service: they read its state and
 call ``request_drain()`` and ``reload()``; they own no state and make no
@@ -37,6 +38,7 @@ from egressproxy.observe.httpsite import GET_HEAD, JSON, POST, QuietSite, RouteT
 from egressproxy.datapath.listener import ListenerRuntime
 from egressproxy.observe.metrics import RELOAD_RESULTS, MetricsResource
 from egressproxy.observe.snapshot import Snapshot
+from egressproxy.observe.statuspage import StatusJsonResource, StatusPageResource
 from egressproxy.upstream.cluster import UpstreamCluster
 
 #: The environment variable holding the bearer token ``POST /drain`` and ``/reload`` need.
@@ -295,11 +297,16 @@ def build_metrics_site(service: AdminTarget, registry: CollectorRegistry) -> Sit
 
 
 def build_admin_site(service: AdminTarget, registry: CollectorRegistry) -> Site:
-    """The admin service: the metrics routes plus /stats, /clusters, POST /drain and POST /reload."""
+    """The admin service: the metrics routes plus /stats, /clusters, POST /drain and POST /reload.
+
+    Also the status page, ``/`` and ``/status.json`` (``statuspage.py``), read-only like /stats.
+    """
     routes = {
         **_read_only_routes(service, registry),
         b"/stats": (GET_HEAD, StatsResource(service)),
         b"/clusters": (GET_HEAD, ClustersResource(service)),
+        b"/": (GET_HEAD, StatusPageResource(service, cluster_status)),
+        b"/status.json": (GET_HEAD, StatusJsonResource(service, cluster_status)),
         b"/drain": (POST, RequireToken(DrainResource(service), service)),
         b"/reload": (POST, RequireToken(ReloadResource(service), service)),
     }
