@@ -168,6 +168,23 @@ class FlyTomlTests(SynchronousTestCase):
                     self.assertIn(key, check)
                 self.assertLess(parse_duration(check["timeout"]), parse_duration(check["interval"]))
 
+    def test_tcp_checks_never_reach_the_database(self) -> None:
+        """Every listener a tcp_check connects to dials only once the client speaks.
+
+        A check connects and hangs up without a byte. A postgres listener
+        reads the first packet before dialling; a tcp listener does so only
+        with ``upstream_connect: on_first_byte`` (the default, ``immediate``,
+        would open a connection to the provider per check).
+        """
+        checked = {service["internal_port"] for service in self.services if service.get("tcp_checks")}
+        targets = [listener for listener in self.config.listeners if listener_port(listener) in checked]
+        self.assertEqual(len(targets), len(checked), "a tcp_check targets a port no listener has")
+        for listener in targets:
+            quiet = listener.mode == "postgres" or (
+                listener.mode == "tcp" and listener.options.upstream_connect == "on_first_byte"
+            )
+            self.assertTrue(quiet, f"listener {listener.name} ({listener.mode}) would dial the database per check")
+
     def test_machines_keep_running(self) -> None:
         """Every service keeps two Machines running and never stops them for being idle."""
         for service in self.services:

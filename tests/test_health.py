@@ -8,7 +8,7 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone, ConnectionLost, ConnectionRefusedError
 from twisted.internet.protocol import Protocol
 from twisted.internet.testing import MemoryReactorClock
-from twisted.logger import Logger, globalLogPublisher
+from twisted.logger import Logger, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -63,6 +63,10 @@ class World:
 
     def messages(self) -> list[str]:
         return [event["log_format"] for event in self.events]
+
+    def texts(self) -> list[str]:
+        """The log lines as an operator reads them."""
+        return [formatEvent(event) for event in self.events]
 
 
 def closed(protocol: Protocol, transport: HalfCloseTransport) -> None:
@@ -286,27 +290,133 @@ class ThresholdTests(SynchronousTestCase):
         self.assertEqual((w.state(A).healthy, w.state(A).last_error), (True, "connection refused"))
 
     def test_logs_transitions_only(self) -> None:
-        """Only changes of health are logged, not each probe."""
+        """After each endpoint's first result, only changes of health are logged, not each probe."""
         w = World(endpoints=(A, B), unhealthy_threshold=2)
         w.checker.start()
         self.run_rounds(w, "xxxx", others=(B,))
-        self.assertEqual(w.messages(), ["cluster {cluster} endpoint {endpoint} is unhealthy: {reason}"])
-        self.assertEqual((w.events[0]["cluster"], w.events[0]["endpoint"], w.events[0]["reason"]),
+        # The first results (one line each), then A's transition at the second failure.
+        self.assertEqual(w.messages(), [
+            "cluster {cluster} endpoint {endpoint}: healthy ({detail})",
+            "cluster {cluster} endpoint {endpoint}: first probe failed: {reason} "
+            "(unhealthy after {threshold} consecutive failures)",
+            "cluster {cluster} endpoint {endpoint} is unhealthy: {reason}",
+        ])
+        self.assertEqual((w.events[2]["cluster"], w.events[2]["endpoint"], w.events[2]["reason"]),
                          ("pg", "127.0.0.1:5432", "connection refused"))
         self.run_rounds(w, "_oo", others=(B,))
-        self.assertEqual(w.messages()[1:], ["cluster {cluster} endpoint {endpoint} is healthy again"])
+        self.assertEqual(w.messages()[3:], ["cluster {cluster} endpoint {endpoint} is healthy again"])
 
     def test_logs_panic(self) -> None:
         """The cluster entering and leaving panic mode is logged once each."""
         w = World(endpoints=(A,))
         w.checker.start()
         self.run_rounds(w, "xxo")
+        # unhealthy_threshold 1: the first result is the transition, logged once as the first-result line.
         self.assertEqual(w.messages(), [
-            "cluster {cluster} endpoint {endpoint} is unhealthy: {reason}",
+            "cluster {cluster} endpoint {endpoint}: unhealthy: {reason}",
             "cluster {cluster} has no healthy endpoint: trying all of them (panic mode)",
             "cluster {cluster} endpoint {endpoint} is healthy again",
             "cluster {cluster} has a healthy endpoint again",
         ])
+
+
+class FirstResultTests(SynchronousTestCase):
+    """One line per endpoint after its first probe result, so a healthy start is visible in the log."""
+
+    def test_healthy_tcp_line_names_connect_time(self) -> None:
+        """A first successful tcp probe logs one line with the connect time; later successes log nothing."""
+        w = World(endpoints=(A,))
+        w.checker.start()
+        w.reactor.advance(0.012)
+        closed(*w.accept(A))
+        self.assertEqual(w.texts(), ["cluster pg endpoint 127.0.0.1:5432: healthy (TCP connect 12 ms)"])
+        w.reactor.advance(10.0)
+        closed(*w.accept(A))
+        self.assertEqual(len(w.events), 1)
+        self.assertEqual(w.events[0]["log_level"].name, "info")
+
+    def test_healthy_postgres_line_names_the_answer(self) -> None:
+        """A first successful postgres probe names the SSLRequest answer and its time."""
+        w = World(endpoints=(A, B), kind="postgres")
+        w.checker.start()
+        w.reactor.advance(0.005)
+        probe, _transport = w.accept(A)
+        probe.dataReceived(b"N")
+        probe, _transport = w.accept(B)
+        probe.dataReceived(b"S")
+        self.assertEqual(w.texts(), [
+            "cluster pg endpoint 127.0.0.1:5432: healthy (SSLRequest answered N in 5 ms)",
+            "cluster pg endpoint 127.0.0.2:5432: healthy (SSLRequest answered S in 5 ms)",
+        ])
+
+    def test_first_failure_that_marks_unhealthy_is_logged_once(self) -> None:
+        """With unhealthy_threshold 1 the first failure is one line (not also the transition line)."""
+        w = World(endpoints=(A, B), unhealthy_threshold=1)
+        w.checker.start()
+        w.refuse(A)
+        closed(*w.accept(B))
+        self.assertEqual(w.texts(), [
+            "cluster pg endpoint 127.0.0.1:5432: unhealthy: connection refused",
+            "cluster pg endpoint 127.0.0.2:5432: healthy (TCP connect 300 ms)",
+        ])
+        self.assertEqual(w.events[0]["log_level"].name, "warn")
+        self.assertIs(w.state(A).healthy, False)
+
+    def test_first_failure_below_threshold_says_so(self) -> None:
+        """A first failure that does not yet mark the endpoint says how many it takes; the mark is logged later."""
+        w = World(endpoints=(A,), unhealthy_threshold=2, timeout=2.0)
+        w.checker.start()
+        w.reactor.advance(2.0)
+        self.assertEqual(w.texts(), [
+            "cluster pg endpoint 127.0.0.1:5432: first probe failed: timed out after 2s "
+            "(unhealthy after 2 consecutive failures)",
+        ])
+        w.reactor.advance(8.0)
+        w.refuse(A)
+        self.assertEqual(w.texts()[1:], [
+            "cluster pg endpoint 127.0.0.1:5432 is unhealthy: connection refused",
+            "cluster pg has no healthy endpoint: trying all of them (panic mode)",
+        ])
+
+    def test_kind_none_logs_not_probed(self) -> None:
+        """A cluster with kind none logs one line at start saying its endpoints are not probed."""
+        w = World(kind="none")
+        w.checker.start()
+        w.checker.start()  # a second start changes nothing
+        self.assertEqual(w.texts(), ["cluster pg: health_check none: endpoints are not probed"])
+
+    def test_stopped_before_first_result_logs_nothing(self) -> None:
+        """A probe cancelled by stop() (a reload, a drain) leaves no first-result line."""
+        w = World(endpoints=(A,))
+        w.checker.start()
+        self.successResultOf(w.checker.stop())
+        self.assertEqual(w.events, [])
+
+    def test_restarted_checker_logs_first_results_again(self) -> None:
+        """A new checker on the same cluster (a reload that changed it) logs each endpoint's first result again.
+
+        An endpoint still marked unhealthy by the old checker says it is not yet
+        recovered instead of "healthy", and its recovery is that one line.
+        """
+        w = World(endpoints=(A, B), unhealthy_threshold=1, healthy_threshold=2)
+        w.checker.start()
+        w.refuse(A)
+        closed(*w.accept(B))
+        self.successResultOf(w.checker.stop())
+        before = len(w.events)
+        w.checker = HealthChecker(w.cluster, w.reactor, log=Logger(observer=w.events.append))
+        w.checker.start()
+        closed(*w.accept(A))
+        closed(*w.accept(B))
+        self.assertEqual(w.texts()[before:], [
+            "cluster pg endpoint 127.0.0.1:5432: first probe succeeded (TCP connect 0 ms), "
+            "still unhealthy until 2 consecutive successes",
+            "cluster pg endpoint 127.0.0.2:5432: healthy (TCP connect 0 ms)",
+        ])
+        w.reactor.advance(10.0)
+        closed(*w.accept(A))
+        self.assertIs(w.state(A).healthy, True)
+        self.assertEqual(w.texts()[before + 2:], ["cluster pg endpoint 127.0.0.1:5432 is healthy again"])
 
 
 class OverlapAndStopTests(SynchronousTestCase):

@@ -8,6 +8,7 @@ import os
 import attrs
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -196,6 +197,8 @@ class ReloadTests(SynchronousTestCase):
         life.write(CHANGED)
         ok, summary = life.service.reload()
         self.assertTrue(ok, summary)
+        self.assertEqual(summary, "listeners added: replica; removed: pooled; changed: direct (log_prefix); "
+                                  "clusters added: replica; changed: pg (endpoints, max_connections); removed: bouncer")
         self.assertEqual(sorted(life.service.listeners), ["direct", "replica"])
         self.assertEqual(sorted(life.service.clusters), ["pg", "replica"])
         self.assertTrue(pooled_port.stopped)
@@ -203,6 +206,15 @@ class ReloadTests(SynchronousTestCase):
         self.assertEqual(life.service.listeners["direct"].config.log_prefix, "DIRECT2")
         self.assertEqual(life.service.clusters["pg"].breaker.max_connections, 20)
         self.assertEqual(life.service.reloads, {"success": 1, "error": 0})
+
+    def test_unchanged_file_logs_no_changes(self) -> None:
+        """Reloading the same file succeeds, says 'no changes', and logs that one line."""
+        events: list[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        life = Lifecycle(self, TWO)
+        self.assertEqual(life.service.reload(), (True, "no changes"))
+        self.assertIn("config reloaded: no changes", [formatEvent(e) for e in events])
 
     def test_counters_carry_over(self) -> None:
         """A persisting listener keeps its runtime object, so its counters continue."""

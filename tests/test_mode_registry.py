@@ -217,8 +217,8 @@ class UnregisteredTests(SynchronousTestCase):
                 "egress.yaml:4: listeners[0].mode: expected tcp, postgres, http_connect or socks5, got 'echo'",
                 "egress.yaml:5: listeners[0]: unknown key 'greeting' (expected one of: name, listen, mode, "
                 "cluster, log_prefix, allow_sources, max_connections, max_connections_per_source, "
-                "proxy_protocol, proxy_protocol_trusted, allow_addresses, deny_addresses, policy, tls, "
-                "require_tls, routes, client_tls, allow_destinations, users, accept_risk)",
+                "proxy_protocol, proxy_protocol_trusted, allow_addresses, deny_addresses, policy, "
+                "upstream_connect, tls, require_tls, routes, client_tls, allow_destinations, users, accept_risk)",
             ),
         )
 

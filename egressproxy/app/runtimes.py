@@ -35,6 +35,7 @@ from egressproxy.addresses import format_host_port, peer_ip
 from egressproxy.config import ClusterConfig, Config, HealthCheckConfig, ListenerConfig
 from egressproxy.datapath.fastpath import FastPath
 from egressproxy.upstream.health import HealthChecker
+from egressproxy.app.configdiff import describe_changes
 from egressproxy.app.listen import ListenError, listen
 from egressproxy.datapath.listener import ListenerFactory, ListenerRuntime
 from egressproxy.upstream.cluster import UpstreamCluster
@@ -179,6 +180,8 @@ class ServiceRuntimes:
     # -- health checkers ----------------------------------------------------
 
     def _start_checkers(self, clusters: dict[str, UpstreamCluster]) -> None:
+        # A new checker per start: a reload that changed a cluster logs its
+        # endpoints' first probe results again, saying what the new config found.
         for name, cluster in clusters.items():
             checker = HealthChecker(cluster, self.reactor)
             checker.start()
@@ -196,7 +199,7 @@ class ServiceRuntimes:
     # -- reload -------------------------------------------------------------
 
     def _apply(self, new: Config) -> str:
-        """Make ``new`` the config in force (see the module notes); a summary of the changes.
+        """Make ``new`` the config in force (see the module notes); a one-line summary naming the changes.
 
         Raises :class:`ListenError`, having changed nothing, when a new
         address cannot be bound.
@@ -269,12 +272,4 @@ class ServiceRuntimes:
                 self.retired.append(runtime)
         self.retired = [r for r in self.retired if r.sessions or r.awaiting]
         self._start_checkers({n: self.clusters[n] for n in list(fresh) + changed_clusters})
-        parts = [
-            f"{len(added)} listener(s) added" if added else "",
-            f"{len(removed)} removed" if removed else "",
-            f"{len(rebound)} rebound" if rebound else "",
-            f"{len(fresh)} cluster(s) added" if fresh else "",
-            f"{len(changed_clusters)} cluster(s) changed" if changed_clusters else "",
-            f"{len(gone_clusters)} cluster(s) removed" if gone_clusters else "",
-        ]
-        return ", ".join(p for p in parts if p) or "no changes"
+        return describe_changes(old, new)

@@ -15,8 +15,10 @@ counters and timers.  No module under ``modes/`` touches those itself
 (``tests/test_fronts_sealed.py``).  Nothing here runs per chunk once the
 splice is made.
 
-The base class is ``mode: tcp``: hold the client, dial the listener's
-cluster, splice, and say no by closing.
+The base class is ``mode: tcp`` as it dials by default
+(``upstream_connect: immediate``): hold the client, dial the listener's
+cluster, splice, and say no by closing.  ``modes/tcp/front.py`` adds
+``on_first_byte``.
 """
 
 from __future__ import annotations

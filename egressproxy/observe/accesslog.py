@@ -41,6 +41,8 @@ FLAGS = {
     "UH": "no healthy upstream",
     "NR": "no route: destination or server name not allowed",
     "DI": "idle timeout",
+    "NB": "no bytes: an upstream_connect: on_first_byte client left or stayed silent before sending a byte; "
+    "nothing was dialled",
     "DC": "downstream connection terminated abnormally (reset)",
     "UC": "upstream connection terminated abnormally (reset)",
     "RBAC": "source address not in the listener's allow_sources",

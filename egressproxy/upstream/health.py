@@ -33,8 +33,14 @@ Rules:
 - ``unhealthy_threshold`` consecutive failures mark the endpoint unhealthy,
   ``healthy_threshold`` consecutive successes healthy; from "not checked yet"
   (``healthy is None``, treated as healthy) whichever comes first decides.
-- Only transitions are logged (to unhealthy, back to healthy, and the cluster
-  entering or leaving panic), never individual probes.
+- Logged: each endpoint's *first* probe result, one line per endpoint, so a
+  healthy start says what it found (``cluster pg endpoint db:5432: healthy
+  (TCP connect 12 ms)``); then only transitions (to unhealthy, back to
+  healthy, and the cluster entering or leaving panic), never individual
+  probes.  A first result that is itself a transition (a failure with
+  ``unhealthy_threshold: 1``) is logged once, as the first-result line; one
+  below a threshold says so.  A cluster with ``kind: none`` logs one line at
+  start: not probed.
 
 Limits: the postgres probe closes right after the first answer byte.  After
 ``N`` the server ends the session silently; after ``S`` it expects a TLS
@@ -117,8 +123,19 @@ class Probe(Protocol):
         self._connecting: defer.Deferred[IProtocol] | None = None
         self._deadline: IDelayedCall | None = None
         self._connected = False
+        #: When :meth:`start` dialled, and the byte a postgres server answered (for the log).
+        self.started_at = 0.0
+        self.answer = b""
+
+    def describe_success(self) -> str:
+        """How a successful probe went, for the first-result line ("TCP connect 12 ms")."""
+        took = f"{(self.reactor.seconds() - self.started_at) * 1000:.0f} ms"
+        if self.kind == "postgres":
+            return f"SSLRequest answered {self.answer.decode('ascii')} in {took}"
+        return f"TCP connect {took}"
 
     def start(self) -> None:
+        self.started_at = self.reactor.seconds()
         endpoint = client_endpoint(self.reactor, self.host, self.address.port, self.timeout)
         # One deadline for the whole probe, name resolution and the answer
         # included (HostnameEndpoint's timeout covers only each TCP connect).
@@ -149,6 +166,7 @@ class Probe(Protocol):
             return
         answer = data[:1]
         if answer in (b"S", b"N"):
+            self.answer = answer
             self._finish(None)
         else:
             self._finish(f"unexpected answer {answer!r}")
@@ -206,6 +224,11 @@ class HealthChecker:
     endpoint choice, metrics and ``/clusters`` read them from there.  One
     checker per cluster and per config generation: stop the old one on reload.
     ``last_error`` keeps the latest failure even after recovery.
+
+    Each endpoint's first result is logged once per checker.  A reload that
+    changes a cluster starts a new checker, so the first-result lines repeat
+    for that cluster, on purpose: they then say what the new config found,
+    which is what an operator checking a reload wants to read.
     """
 
     log = Logger()
@@ -223,6 +246,8 @@ class HealthChecker:
         self._open: set[Probe] = set()
         self._successes: dict[Address, int] = {}
         self._failures: dict[Address, int] = {}
+        #: Endpoints whose first result this checker has logged.
+        self._first_logged: set[Address] = set()
         self._loop: LoopingCall | None = None
         self.rounds = 0
         self.probes_total = 0
@@ -232,15 +257,16 @@ class HealthChecker:
 
         With ``kind: none`` nothing is started, and any health left on the
         cluster by an earlier checker is forgotten (every endpoint is "not
-        checked", so none is skipped).
+        checked", so none is skipped); one line says they are not probed.
         """
         if self.running:
             return
+        self.running = True
         if self.config.kind == "none":
             for state in self.cluster.endpoints.values():
                 state.healthy = None
+            self.log.info("cluster {cluster}: health_check none: endpoints are not probed", cluster=self.cluster.name)
             return
-        self.running = True
         loop = LoopingCall(self._round)
         loop.clock = self.reactor
         self._loop = loop
@@ -290,11 +316,13 @@ class HealthChecker:
         if state is None or not self.running:
             return  # the endpoint left the config, or we were stopped meanwhile
         was_panicking = self.cluster.panicking()
+        first = address not in self._first_logged
+        self._first_logged.add(address)
         if reason is None:
             self._failures[address] = 0
             successes = self._successes[address] = self._successes.get(address, 0) + 1
             if state.healthy is not True and successes >= self.config.healthy_threshold:
-                if state.healthy is False:
+                if state.healthy is False and not first:  # else the first-result line below says it
                     self.log.info(
                         "cluster {cluster} endpoint {endpoint} is healthy again",
                         cluster=self.cluster.name, endpoint=str(address),
@@ -306,10 +334,13 @@ class HealthChecker:
             state.last_error = reason
             if state.healthy is not False and failures >= self.config.unhealthy_threshold:
                 state.healthy = False
-                self.log.info(
-                    "cluster {cluster} endpoint {endpoint} is unhealthy: {reason}",
-                    cluster=self.cluster.name, endpoint=str(address), reason=reason,
-                )
+                if not first:  # else the first-result line below says it
+                    self.log.info(
+                        "cluster {cluster} endpoint {endpoint} is unhealthy: {reason}",
+                        cluster=self.cluster.name, endpoint=str(address), reason=reason,
+                    )
+        if first:
+            self._log_first(probe, reason, state.healthy)
         panicking = self.cluster.panicking()
         if panicking and not was_panicking:
             self.log.warn(
@@ -318,3 +349,24 @@ class HealthChecker:
             )
         elif was_panicking and not panicking:
             self.log.info("cluster {cluster} has a healthy endpoint again", cluster=self.cluster.name)
+
+    def _log_first(self, probe: Probe, reason: str | None, healthy: bool | None) -> None:
+        """The one line about an endpoint's first result: healthy, unhealthy, or failed once so far."""
+        fields = dict(cluster=self.cluster.name, endpoint=str(probe.address))
+        if reason is None and healthy is False:  # marked by an earlier checker, not yet recovered
+            self.log.info(
+                "cluster {cluster} endpoint {endpoint}: first probe succeeded ({detail}), still unhealthy "
+                "until {threshold} consecutive successes",
+                detail=probe.describe_success(), threshold=self.config.healthy_threshold, **fields,
+            )
+        elif reason is None:
+            self.log.info("cluster {cluster} endpoint {endpoint}: healthy ({detail})",
+                          detail=probe.describe_success(), **fields)
+        elif healthy is False:
+            self.log.warn("cluster {cluster} endpoint {endpoint}: unhealthy: {reason}", reason=reason, **fields)
+        else:
+            self.log.warn(
+                "cluster {cluster} endpoint {endpoint}: first probe failed: {reason} "
+                "(unhealthy after {threshold} consecutive failures)",
+                reason=reason, threshold=self.config.unhealthy_threshold, **fields,
+            )

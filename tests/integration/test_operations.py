@@ -209,6 +209,7 @@ class OperationsTests(TestCase):
         self.write_config(self.config({"direct": kept, "new": added}, metrics_port))
         child.signal("HUP")
         await wait_until(lambda: "config reloaded" in child.text, timeout=10)
+        self.assertIn("config reloaded: listeners added: new; removed: old\n", child.text)
 
         out, err, code = await self.psql(added, "select 'via new'")
         self.assertEqual((code, out.strip()), (0, "via new"), err)

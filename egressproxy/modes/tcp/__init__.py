@@ -1,1 +1,1 @@
-"""``mode: tcp``: forward bytes to the listener's cluster, untouched (``spec.py``)."""
+"""``mode: tcp``: forward bytes to the listener's cluster, untouched (``spec.py``, ``front.py``, ``options.py``)."""

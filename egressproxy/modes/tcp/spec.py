@@ -1,26 +1,32 @@
 """The ``tcp`` mode's spec: forward bytes to the listener's cluster, untouched.
 
-The machine is :class:`~egressproxy.modes.base.Handshake` itself: hold the
-client, dial the cluster, splice, and say no by closing.  The mode has no
-keys of its own; it needs the common ``cluster``.
+Its machine is :class:`~egressproxy.modes.tcp.front.TcpMachine`: hold the
+client, dial the cluster (at once, or once the client has sent a byte),
+splice, and say no by closing.  Besides the common ``cluster`` it takes one
+key, ``upstream_connect`` (``options.py``): when to dial.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import attrs
+import yaml
 
 from egressproxy.config.context import ListenerKeys
-from egressproxy.modes.base import Handshake
-from egressproxy.modes.registry import ModeOptions, ModeSpec, register
+from egressproxy.config.syntax import Path
+from egressproxy.modes.registry import ModeKey, ModeSpec, register
+from egressproxy.modes.tcp.front import TcpMachine
+from egressproxy.modes.tcp.options import IMMEDIATE, UPSTREAM_CONNECT, TcpOptions
 
 __all__ = ["SPEC", "TcpOptions"]
 
 
-@attrs.frozen
-class TcpOptions(ModeOptions):
-    """A tcp listener has no options of its own."""
+def _upstream_connect(keys: ListenerKeys, node: yaml.Node, path: Path) -> str:
+    return keys.r.choice(
+        node, path, "immediate or on_first_byte", UPSTREAM_CONNECT,
+        "expected immediate (dial when the client connects; server-first protocols such as "
+        "MySQL or SMTP need it) or on_first_byte (dial once the client has sent a byte)",
+    )
 
 
 def _check(keys: ListenerKeys, values: dict[str, Any]) -> None:
@@ -28,5 +34,11 @@ def _check(keys: ListenerKeys, values: dict[str, Any]) -> None:
         keys.broken(keys.node, keys.path, "missing required key 'cluster'")
 
 
-SPEC = ModeSpec(name="tcp", options=TcpOptions, handshake=Handshake, check=_check)
+SPEC = ModeSpec(
+    name="tcp",
+    options=TcpOptions,
+    handshake=TcpMachine,
+    keys=(ModeKey("upstream_connect", _upstream_connect, IMMEDIATE),),
+    check=_check,
+)
 register(SPEC)
