@@ -34,6 +34,7 @@ from egressproxy.upstream.addrguard import OwnSockets
 from egressproxy.addresses import format_host_port, peer_ip
 from egressproxy.config import ClusterConfig, Config, HealthCheckConfig, ListenerConfig
 from egressproxy.datapath.fastpath import FastPath
+from egressproxy.datapath.sockopts import NOT_TUNED, tune_listening_socket
 from egressproxy.upstream.health import HealthChecker
 from egressproxy.app.configdiff import describe_changes
 from egressproxy.app.listen import ListenError, listen
@@ -261,6 +262,7 @@ class ServiceRuntimes:
             old_port = self.ports.pop(name)
             old_port.stopListening()
             self.ports[name] = bound[name]
+            self.listeners[name].socket_options = NOT_TUNED  # a new socket
         for name in added:
             self.listeners[name] = runtimes[name]
             self.ports[name] = bound[name]
@@ -272,4 +274,13 @@ class ServiceRuntimes:
                 self.retired.append(runtime)
         self.retired = [r for r in self.retired if r.sessions or r.awaiting]
         self._start_checkers({n: self.clusters[n] for n in list(fresh) + changed_clusters})
+        self._tune_listening_sockets()
         return describe_changes(old, new)
+
+    def _tune_listening_sockets(self) -> None:
+        """Give each listening socket the options its accepted sockets inherit (see sockopts.py)."""
+        for name, port in self.ports.items():
+            runtime = self.listeners[name]
+            wanted = runtime.cluster.config.keepalive
+            if runtime.socket_options is NOT_TUNED or runtime.socket_options != wanted:
+                runtime.socket_options = tune_listening_socket(port, wanted)

@@ -96,6 +96,8 @@ class EgressService(ServiceRuntimes, MultiService):
         #: Fixed at start: a reload cannot change how many processes share the work.
         self.worker_count = config.workers
         self.http_ports: dict[str, IListeningPort] = {}
+        self._bound_key: tuple[IListeningPort, ...] = ()
+        self._bound_cache: list[tuple[str, int]] = []
         ServiceRuntimes.__init__(
             self,
             self._prepare(config),
@@ -148,13 +150,22 @@ class EgressService(ServiceRuntimes, MultiService):
         return self.pool.snapshots() if self.pool is not None else []
 
     def _bound_sockets(self) -> list[tuple[str, int]]:
-        """(host, port) of every socket this process listens on now: listeners, admin, metrics."""
+        """(host, port) of every socket this process listens on now: listeners, admin, metrics.
+
+        Asked on every dial, so the answer is kept until the set of ports
+        changes (a bound socket's address never does): no ``getsockname``
+        per connection.
+        """
+        ports = (*self.ports.values(), *self.http_ports.values())
+        if ports == self._bound_key:  # the same port objects (held here, so never a reused id)
+            return self._bound_cache
         bound = []
-        for port in list(self.ports.values()) + list(self.http_ports.values()):
+        for port in ports:
             address = port.getHost()
             host = getattr(address, "host", None)
             if host is not None:
                 bound.append((host, address.port))
+        self._bound_key, self._bound_cache = ports, bound
         return bound
 
     # -- start --------------------------------------------------------------
@@ -166,6 +177,7 @@ class EgressService(ServiceRuntimes, MultiService):
         try:
             for name, runtime in self.listeners.items():
                 self.ports[name] = self._bind_listener(runtime)
+            self._tune_listening_sockets()
             self._bind_http()
         except ListenError as e:
             for port in list(self.ports.values()) + list(self.http_ports.values()):

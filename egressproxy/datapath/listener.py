@@ -18,6 +18,7 @@ from egressproxy.upstream.addrguard import AddressPolicy
 from egressproxy.addresses import IPAddress, peer_ip, source_allowed
 from egressproxy.config import ListenerConfig
 from egressproxy.datapath.fastpath import ORDINARY, FastPath
+from egressproxy.datapath.sockopts import NOT_TUNED
 from egressproxy.modes import registry
 from egressproxy.datapath.splice import DownstreamLeg
 from egressproxy.upstream.cluster import UpstreamCluster
@@ -71,6 +72,9 @@ class ListenerRuntime:
         self.mode_state: object | None = None
         #: The data path's shortcuts its splices use (see fastpath.py); set by the service.
         self.fast_path: FastPath = ORDINARY
+        #: The keepalive its listening socket passes on to accepted sockets
+        #: (with TCP_NODELAY), or ``sockopts.NOT_TUNED``; set by the service.
+        self.socket_options: object = NOT_TUNED
 
     def state(self) -> object | None:
         """The mode's per-listener state (None if it keeps none), made by its spec on first use."""

@@ -104,7 +104,8 @@ class Session:
     def downstream_connected(self, leg: DownstreamLeg) -> None:
         """A client connected: the driver reads any PROXY header, admits it and starts the mode."""
         self.down = leg
-        tune_tcp(leg.transport, self.keepalive)
+        if self.listener.socket_options != self.keepalive:  # else inherited from the listening socket
+            tune_tcp(leg.transport, self.keepalive)
         self.driver.client_connected(leg)
 
     def connect_upstream(

@@ -10,6 +10,15 @@ default, so without keepalive a vanished client or a silently dropped NAT
 entry would hold a slot and an upstream connection forever.  The kernel's
 default (2 hours before the first probe) is too slow, so idle, interval and
 count come from the cluster's ``keepalive`` setting.
+
+**Set once on the listening socket.**  Linux copies a listening socket's
+options (``TCP_NODELAY``, ``SO_KEEPALIVE`` and the three keepalive timers)
+to every socket it accepts, as HAProxy relies on.  So a listener's options
+are set on its listening socket when it is bound (and again when a reload
+changes its keepalive), and :func:`tune_tcp` skips accepted connections
+whose listening socket already carries the same settings: five
+``setsockopt`` calls fewer per connection.  The upstream leg is a new
+socket of our own and is still tuned per connection.
 """
 
 from __future__ import annotations
@@ -30,18 +39,48 @@ _KEEPALIVE_OPTIONS = tuple(
 )
 
 
+#: What a listening socket carries before :func:`tune_listening_socket` ran (or when it could not).
+NOT_TUNED = object()
+
+
+def _set_options(sock: socket.socket, keepalive: Keepalive | None) -> None:
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if keepalive is None:
+        return
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for option, attr in _KEEPALIVE_OPTIONS:
+        sock.setsockopt(socket.IPPROTO_TCP, option, max(1, int(getattr(keepalive, attr))))
+
+
 def tune_tcp(transport: ITransport, keepalive: Keepalive | None) -> None:
     """Set TCP_NODELAY and keepalive on a TCP transport; other transports are left alone."""
     if not ITCPTransport.providedBy(transport):
         return
     try:
-        transport.setTcpNoDelay(True)
-        if keepalive is None:
-            return
-        transport.setTcpKeepAlive(True)
-        handle = transport.getHandle()
-        for option, attr in _KEEPALIVE_OPTIONS:
-            handle.setsockopt(socket.IPPROTO_TCP, option, max(1, int(getattr(keepalive, attr))))
+        _set_options(transport.getHandle(), keepalive)
     except OSError as e:
         # The peer may already have reset the connection; nothing to tune.
         log.debug("could not set socket options: {error}", error=e)
+
+
+def tune_listening_socket(port: object, keepalive: Keepalive | None) -> object:
+    """Give a listening TCP socket the options its accepted sockets should have.
+
+    Returns what the socket now carries (``keepalive``), or
+    :data:`NOT_TUNED` when it is not a TCP socket (a unix socket, an
+    endpoint description) or the options could not be set; then every
+    accepted connection is tuned on its own, as before.  Keepalive ``None``
+    with a socket that had keepalive on would leave it on, so that case
+    reports NOT_TUNED too (per-connection tuning never turns it off either).
+    """
+    sock = getattr(port, "socket", None)
+    if not isinstance(sock, socket.socket) or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return NOT_TUNED
+    try:
+        if keepalive is None and sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE):
+            return NOT_TUNED
+        _set_options(sock, keepalive)
+    except OSError as e:
+        log.warn("could not set socket options on a listening socket: {error}", error=e)
+        return NOT_TUNED
+    return keepalive
