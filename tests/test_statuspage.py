@@ -286,3 +286,41 @@ class RouteTests(SynchronousTestCase):
         site = build_metrics_site(self.service, self.registry)
         for path in (b"/", b"/status.json"):
             self.assertEqual(self.call(site, b"GET", path).responseCode, 404)
+
+
+class RecentProblemTests(SynchronousTestCase):
+    """The last refused or failed connections, as the listeners remember them when they end."""
+
+    def finish(self, service: FakeService, listener: str, start: float, flags: tuple[str, ...], peer: str) -> None:
+        from egressproxy.observe.accesslog import AccessRecord
+
+        runtime = service.listeners[listener]
+        record = AccessRecord(start, listener, listener.upper(), peer, "db.example.com:5432", 10, 0, 3, flags)
+        session = add_session(service, listener, IPv4Address("TCP", "127.0.0.1", 1))
+        runtime.session_finished(session, record)
+
+    def test_newest_first_across_listeners_quiet_flags_left_out(self) -> None:
+        service = FakeService()
+        self.finish(service, "direct", 100.0, ("RBAC",), "10.0.0.1:1")
+        self.finish(service, "vendor", 300.0, ("NR",), f"{HOSTILE}:2")
+        self.finish(service, "direct", 200.0, ("UF", "LR:28P01"), "10.0.0.3:3")
+        self.finish(service, "direct", 400.0, ("NB",), "10.0.0.4:4")  # closed before a byte: not a problem
+        self.finish(service, "direct", 500.0, (), "10.0.0.5:5")
+        problems = status(service, cluster_status)["recent_problems"]
+        self.assertEqual([p["flags"] for p in problems], [["NR"], ["UF", "LR:28P01"], ["RBAC"]])
+        self.assertTrue(problems[1]["meanings"][1].startswith("Postgres login refused"))
+        html = page(service)
+        self.assertIn("Last refused or failed connections", html)
+        self.assertIn("&lt;script&gt;alert(1)&lt;/script&gt;:2", html)
+        self.assertNotIn(HOSTILE, html)
+
+    def test_bounded(self) -> None:
+        """Each listener keeps only its newest RECENT_PROBLEMS."""
+        from egressproxy.datapath.listener import RECENT_PROBLEMS
+
+        service = FakeService()
+        for i in range(RECENT_PROBLEMS + 5):
+            self.finish(service, "direct", float(i), ("OM",), f"10.0.0.1:{i}")
+        problems = status(service, cluster_status)["recent_problems"]
+        self.assertEqual(len(problems), RECENT_PROBLEMS)
+        self.assertEqual(problems[0]["downstream"], f"10.0.0.1:{RECENT_PROBLEMS + 4}")

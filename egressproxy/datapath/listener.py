@@ -7,6 +7,7 @@ the live ones, so a long-lived connection's traffic shows up while it flows.
 
 from __future__ import annotations
 
+from collections import deque
 from typing import Any, Callable
 
 from twisted.internet.interfaces import IAddress, IReactorTime
@@ -26,6 +27,12 @@ from egressproxy.upstream.cluster import UpstreamCluster
 #: A listener's session (``session.Session``), imported only where one is made: the session reads its listener.
 Session = Any
 
+
+#: How many refused or failed connections each listener remembers for the status page.
+RECENT_PROBLEMS = 20
+
+#: Flags that end a connection without anything having gone wrong: not kept among the problems.
+QUIET_FLAGS = frozenset({"NB", "DI", "DT"})
 
 #: Why a connection may be refused before anything is dialled.
 REJECT_REASONS = (
@@ -57,6 +64,10 @@ class ListenerRuntime:
         # Known reasons (and the mode's) start at zero, so their series exist before the first event.
         self.rejected: dict[str, int] = dict.fromkeys(REJECT_REASONS + registry.spec(config.mode).reject_reasons, 0)
         self.last_refusal = ""
+        #: The newest refused or failed connections' access records (any flag
+        #: but the quiet ones), oldest first; for the status page.  Appended
+        #: only when a connection ends with such a flag, never per chunk.
+        self.recent_problems: deque[AccessRecord] = deque(maxlen=RECENT_PROBLEMS)
         #: Postgres logins the server refused, by SQLSTATE (28P01, 28000, ...).
         self.login_refused: dict[str, int] = {}
         #: Connections ``policy: report`` let through that enforce would refuse,
@@ -161,6 +172,8 @@ class ListenerRuntime:
                 del self.per_source[source]
         self.finished_bytes_received += session.bytes_received
         self.finished_bytes_sent += session.bytes_sent
+        if record.flags and not QUIET_FLAGS.issuperset(record.flags):
+            self.recent_problems.append(record)
         self.access_log.info("{record}", record=record)
 
 

@@ -11,11 +11,12 @@ the whole proxy's (the other workers' counters are added, as ``/stats``
 does), but the live connections, endpoint health and breakers are this
 process's only: other workers' sessions are not visible from here.
 
-Refusals: the proxy keeps counts per reason and, per listener, the reason of
-the newest refusal (``ListenerRuntime.last_refusal``); it keeps no list of
-refused connections (the access log has one line per connection, with its
-flags).  So the page shows each listener's counts, its newest reason and the
-access-log flag that reason is logged with.
+Refusals: the proxy keeps counts per reason, per listener the reason of
+the newest refusal (``ListenerRuntime.last_refusal``), and the access records
+of its last ``RECENT_PROBLEMS`` refused or failed connections
+(``recent_problems``: any flag but the quiet ones).  The page shows the
+counts, the newest reason with its access-log flag, and those records merged
+across listeners, newest first (this process's only, like live connections).
 
 Strings here are raw, often client input (a peer's unix socket path, a TLS
 server name a client sent, a forward-proxy user): whoever renders them
@@ -30,9 +31,9 @@ from typing import Any
 from twisted.internet.interfaces import IListeningPort
 
 from egressproxy.addresses import format_peer
-from egressproxy.datapath.listener import ListenerRuntime
+from egressproxy.datapath.listener import RECENT_PROBLEMS, ListenerRuntime
 from egressproxy.observe import snapshot
-from egressproxy.observe.accesslog import FLAGS
+from egressproxy.observe.accesslog import FLAGS, format_timestamp
 from egressproxy.upstream.cluster import UpstreamCluster
 
 #: The live-connection table shows at most this many, the newest first.
@@ -70,7 +71,27 @@ def status(service: Any, cluster_status: ClusterStatus, limit: int = LIVE_LIMIT)
         "listeners": _listeners(service, runtimes),
         "clusters": [cluster_status(cluster) for cluster in service.all_clusters().values()],
         "connections": _connections(runtimes, now, limit),
+        "recent_problems": _recent_problems(runtimes),
     }
+
+
+def _recent_problems(runtimes: list[tuple[ListenerRuntime, bool]]) -> list[dict[str, Any]]:
+    """The listeners' remembered refused or failed connections, newest first, at most RECENT_PROBLEMS."""
+    records = sorted(
+        (record for runtime, _ in runtimes for record in runtime.recent_problems),
+        key=lambda record: record.start, reverse=True,
+    )[:RECENT_PROBLEMS]
+    return [{
+        "start_time": format_timestamp(record.start),
+        "listener": record.listener,
+        "downstream": record.downstream,
+        "upstream": record.upstream,
+        "flags": list(record.flags),
+        "meanings": [FLAGS.get(flag.split(":", 1)[0], "") for flag in record.flags],
+        "bytes_received": record.bytes_received,
+        "bytes_sent": record.bytes_sent,
+        "duration_ms": record.duration_ms,
+    } for record in records]
 
 
 def _runtimes(service: Any) -> list[tuple[ListenerRuntime, bool]]:

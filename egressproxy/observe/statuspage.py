@@ -194,9 +194,22 @@ def _refusals(data: dict[str, Any]) -> str:
         ))
     note = _p("The newest refusal per listener and the counts by reason since start; "
               "the access log has a line (with its flags) for every refused connection.")
+    recent = _recent(data.get("recent_problems", []))
     if not rows:
-        return _p("No connection refused since start.") + note
-    return _table(("listener", "newest refusal", "flag", "flag meaning", "refusals by reason"), rows) + note
+        return _p("No connection refused since start.") + note + recent
+    return _table(("listener", "newest refusal", "flag", "flag meaning", "refusals by reason"), rows) + note + recent
+
+
+def _recent(problems: list[dict[str, Any]]) -> str:
+    """The last refused or failed connections with their flags, newest first."""
+    if not problems:
+        return ""
+    rows = [(
+        p["start_time"], p["listener"], p["downstream"], p["upstream"], ",".join(p["flags"]),
+        "; ".join(m for m in p["meanings"] if m), human_bytes(p["bytes_received"]), human_bytes(p["bytes_sent"]),
+    ) for p in problems]
+    headers = ("started", "listener", "peer", "upstream", "flags", "meaning", "received", "sent")
+    return _p("Last refused or failed connections (this process), newest first:") + _table(headers, rows)
 
 
 def _clusters(data: dict[str, Any]) -> str:
