@@ -145,7 +145,13 @@ class TestCA:
         return cls(key, certificate, ca_path)
 
     def issue(
-        self, names: Sequence[str], directory: str, basename: str
+        self,
+        names: Sequence[str],
+        directory: str,
+        basename: str,
+        *,
+        not_before: datetime.datetime | None = None,
+        not_after: datetime.datetime | None = None,
     ) -> tuple[str, str]:
         """
         Issue a server certificate for ``names`` and write it with its key.
@@ -153,7 +159,8 @@ class TestCA:
         Every name becomes a SubjectAltName (IP literals as IP addresses, the
         rest as DNS names) and the first is also the subject CN. The
         certificate is valid from an hour ago (clock skew) for 30 days, for
-        serverAuth only. Writes ``directory/basename.crt`` and, mode 0600 and
+        serverAuth only; ``not_before`` and ``not_after`` (aware datetimes)
+        replace those dates, e.g. for an expired certificate. Writes ``directory/basename.crt`` and, mode 0600 and
         unencrypted, ``directory/basename.key``; returns both paths.
         """
         if isinstance(names, str) or not names:
@@ -171,8 +178,8 @@ class TestCA:
             .issuer_name(self.certificate.subject)
             .public_key(public_key)
             .serial_number(x509.random_serial_number())
-            .not_valid_before(now - _CLOCK_SKEW)
-            .not_valid_after(now + _LEAF_LIFETIME)
+            .not_valid_before(now - _CLOCK_SKEW if not_before is None else not_before)
+            .not_valid_after(now + _LEAF_LIFETIME if not_after is None else not_after)
             .add_extension(
                 x509.SubjectAlternativeName([_general_name(n) for n in names]),
                 critical=False,

@@ -6,8 +6,8 @@ over a library call. It does not run the proxy (``twistd egressproxy`` does,
 through the plugin and ``tap.py``) and it holds no configuration rules of its
 own (the ``config`` package does).
 
-Subcommands: ``check-config FILE`` and ``urls``; each is a ``_add_<name>``
-function that adds a subparser and sets ``run`` to a function
+Subcommands: ``check-config FILE``, ``urls``, ``doctor`` and ``demo``;
+each is a ``_add_<name>`` function that adds a subparser and sets ``run`` to a function
 ``(args, io) -> int``.  ``--version`` prints the installed version.
 """
 
@@ -126,6 +126,72 @@ def _add_urls(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     parser.set_defaults(run=_urls)
 
 
+def _demo(args: argparse.Namespace, io: _IO) -> int:
+    """Run the demo (egressproxy/app/demo/) until Ctrl-C; 1 when it cannot start."""
+    from egressproxy.app.demo.runner import run_demo  # noqa: PLC0415 - Twisted loads only for this command
+
+    return run_demo(args.port_base, args.pg_bindir, io.stdout, io.stderr, io.environ)
+
+
+def _add_demo(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = commands.add_parser(
+        "demo",
+        help="run a throwaway TLS PostgreSQL with the proxy in front of it, and show what to try",
+        description=(
+            "Start a throwaway PostgreSQL (TLS, SCRAM, a certificate for db.demo.egress.test from a CA "
+            "made now) and the proxy in front of it on 127.0.0.1 (tcp, postgres and http_connect "
+            "listeners, admin), print commands to try and the access log. Ctrl-C stops both and "
+            "removes every file. Needs PostgreSQL's server programs (apt-get install postgresql, "
+            "brew install postgresql)."
+        ),
+    )
+    parser.add_argument("--port-base", metavar="N", type=int, default=15432,
+                        help="listeners on N..N+3 (taken ones replaced by free ports); 0: free ports (default 15432)")
+    parser.add_argument("--pg-bindir", metavar="DIR",
+                        help="where initdb and pg_ctl are (default: PATH, then /usr/lib/postgresql/*/bin)")
+    parser.set_defaults(run=_demo)
+
+
+def _doctor(args: argparse.Namespace, io: _IO) -> int:
+    """Check every upstream and listener of the config step by step (egressproxy/doctor/)."""
+    from egressproxy.doctor.command import run  # noqa: PLC0415 - the reactor loads only for this command
+    from egressproxy.doctor.runner import DoctorOptions  # noqa: PLC0415
+
+    if args.dbname is not None and args.login is None:
+        print("egressproxy doctor: --dbname needs --login USER", file=io.stderr)
+        return 2
+    try:
+        config = load_config(_config_path(args, io), io.environ)
+    except ConfigError as e:
+        for error in e.errors:
+            print(error, file=io.stderr)
+        return 1
+    options = DoctorOptions(name=args.name, login=args.login, dbname=args.dbname,
+                            password=io.environ.get("PGPASSWORD"), timeout=args.timeout)
+    return run(config, options, args.json, io.stdout, io.stderr)
+
+
+def _add_doctor(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = commands.add_parser(
+        "doctor",
+        help="check each upstream (DNS, TCP, SSLRequest, TLS, login) and listener, with a hint per failure",
+        description=(
+            "For every cluster endpoint and exact route name: DNS (A and AAAA), TCP per address, the "
+            "Postgres SSLRequest answer, TLS with the name as SNI (chain, name, expiry) and, with --login, "
+            "a real login (password from PGPASSWORD). Also each listener (bound, dual-stack) and the "
+            "egress address against expected_egress_ips. Exit 0 only when every check passes."
+        ),
+    )
+    parser.add_argument("--config", metavar="FILE", help="default: $EGRESSPROXY_CONFIG, then ./egressproxy.yaml")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument("--name", metavar="HOST", help="the name to check for a wildcard route (must match one)")
+    parser.add_argument("--login", metavar="USER", help="log in as USER (password from PGPASSWORD)")
+    parser.add_argument("--dbname", metavar="DB", help="the database for --login (default: USER, as libpq)")
+    parser.add_argument("--timeout", metavar="SECONDS", type=float, default=5.0,
+                        help="the limit of each step: DNS, connect, each answer (default 5)")
+    parser.set_defaults(run=_doctor)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="egressproxy",
@@ -140,6 +206,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     _add_check_config(commands)
     _add_urls(commands)
+    _add_demo(commands)
+    _add_doctor(commands)
     return parser
 
 

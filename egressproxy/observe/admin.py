@@ -36,6 +36,7 @@ from twisted.web.server import Request, Site
 from egressproxy.observe import snapshot
 from egressproxy.observe.httpsite import GET_HEAD, JSON, POST, QuietSite, RouteTable, Routes, refused, respond
 from egressproxy.datapath.listener import ListenerRuntime
+from egressproxy.doctor.resource import METHODS as DOCTOR_METHODS, DoctorResource
 from egressproxy.observe.metrics import RELOAD_RESULTS, MetricsResource
 from egressproxy.observe.snapshot import Snapshot
 from egressproxy.observe.statuspage import StatusJsonResource, StatusPageResource
@@ -305,6 +306,7 @@ def build_admin_site(service: AdminTarget, registry: CollectorRegistry) -> Site:
         **_read_only_routes(service, registry),
         b"/stats": (GET_HEAD, StatsResource(service)),
         b"/clusters": (GET_HEAD, ClustersResource(service)),
+        b"/doctor": (DOCTOR_METHODS, DoctorResource(service)),  # type: ignore[arg-type]
         b"/": (GET_HEAD, StatusPageResource(service, cluster_status)),
         b"/status.json": (GET_HEAD, StatusJsonResource(service, cluster_status)),
         b"/drain": (POST, RequireToken(DrainResource(service), service)),

@@ -250,10 +250,20 @@ class PostgresServer:
         self.port = 0
         self._base = base
         self._stopped = False
+        #: Optional placement, set by ``start()``: see its keyword arguments.
+        self.netns: str | None = None
+        self.listen: tuple[str, ...] = ()
+        self.hba_sources: tuple[str, ...] = ()
 
     @classmethod
     def start(
-        cls, names: Sequence[str] = ("db.egress.test",), ca: TestCA | None = None
+        cls,
+        names: Sequence[str] = ("db.egress.test",),
+        ca: TestCA | None = None,
+        *,
+        netns: str | None = None,
+        listen: Sequence[str] = (),
+        hba_sources: Sequence[str] = (),
     ) -> PostgresServer:
         """
         Make, configure and start a cluster; return when it accepts connections.
@@ -264,6 +274,14 @@ class PostgresServer:
         ``unittest.SkipTest`` when the binaries (or, as root, the ``postgres``
         OS user) are missing, and RuntimeError, with the server log, when the
         server fails to start.
+
+        Placement, for tests that simulate a network (all optional; the
+        defaults keep the loopback server described above): ``netns`` runs
+        the server tools inside that network namespace (``ip netns exec``),
+        ``listen`` replaces the loopback ``listen_addresses`` (e.g. the
+        namespace's own address), and ``hba_sources`` adds a ``hostssl ...
+        scram-sha-256`` line per CIDR, the only non-loopback peers admitted.
+        The unix socket (``superuser_sql``) works from any namespace.
         """
         if isinstance(names, str) or not names:
             raise ValueError("names must be a non-empty sequence of host names")
@@ -279,6 +297,7 @@ class PostgresServer:
             if ca is None:
                 ca = TestCA.create(os.path.join(base, "ca"))
             server = cls(bindir, base, tuple(names), ca, _ipv6_loopback_works())
+            server.netns, server.listen, server.hba_sources = netns, tuple(listen), tuple(hba_sources)
         except BaseException:
             shutil.rmtree(base, ignore_errors=True)
             raise
@@ -303,6 +322,8 @@ class PostgresServer:
         argv = [os.path.join(self.bindir, name), *args]
         if os.geteuid() == 0:
             argv = ["runuser", "-u", SERVER_OS_USER, "--", *argv]
+        if self.netns is not None:
+            argv = ["ip", "netns", "exec", self.netns, *argv]
         return subprocess.run(
             argv,
             capture_output=True,
@@ -361,7 +382,8 @@ class PostgresServer:
             f"hostssl all {PASSWORD_ROLE} 127.0.0.1/32 password\n"
             f"hostssl all {PASSWORD_ROLE} ::1/128 password\n"
             "hostssl all all 127.0.0.1/32 scram-sha-256\n"
-            "hostssl all all ::1/128 scram-sha-256\n",
+            "hostssl all all ::1/128 scram-sha-256\n"
+            + "".join(f"hostssl all all {cidr} scram-sha-256\n" for cidr in self.hba_sources),
         )
         with open(os.path.join(self.datadir, "postgresql.conf"), encoding="utf-8") as f:
             self._initdb_conf = f.read()
@@ -376,6 +398,8 @@ class PostgresServer:
 
     def _write_conf(self) -> None:
         listen = "127.0.0.1,::1" if self.has_ipv6 else "127.0.0.1"
+        if self.listen:
+            listen = ",".join(self.listen)
         settings = {
             "port": str(self.port),
             "listen_addresses": _conf_string(listen),
