@@ -37,7 +37,12 @@ def facts(**changes: object) -> DemoFacts:
 
 class ConfigTextTests(SynchronousTestCase):
     def config(self):  # type: ignore[no-untyped-def]
-        return parse_config(render_config(PORTS, 40001), "demo.yaml", {})
+        ca = self.mktemp()
+        with open(ca, "w") as f:
+            f.write("the loader only checks that the file exists\n")
+        config = parse_config(render_config(PORTS, 40001, ca), "demo.yaml", {})
+        self.assertEqual(config.clusters[0].tls.ca_file, ca)
+        return config
 
     def test_loads(self) -> None:
         """The rendered config loads with the ordinary loader: three listeners and admin on loopback, no metrics service."""
@@ -115,7 +120,7 @@ class BannerTests(SynchronousTestCase):
         text = render_banner(facts())
         self.assertIn(READY + " (started in 2.3 s).", text)
         for needle in ("port=15432", "port=15433", f"https://{SERVER_NAME}:40001/", REFUSED_URL,
-                       "egressproxy doctor --config /tmp/egressproxy-demo-x/egressproxy-demo.yaml",
+                       "egressproxy doctor --config /tmp/egressproxy-demo-x/egressproxy-demo.yaml --login demo",
                        "http://127.0.0.1:15435/ (status page)", "pid 4242"):
             self.assertIn(needle, text)
 

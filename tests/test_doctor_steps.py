@@ -17,7 +17,7 @@ from egressproxy.doctor import dns, pgclient
 from egressproxy.doctor.conn import ProbeConnection
 from egressproxy.doctor.listeners import stack_check
 from egressproxy.doctor.login import login_step
-from egressproxy.doctor.report import FAIL, OK, SKIP
+from egressproxy.doctor.report import FAIL, OK, SKIP, WARN
 from egressproxy.doctor.sslrequest import SSL_REQUEST, sslrequest_step
 
 
@@ -175,6 +175,12 @@ class StackTests(SynchronousTestCase):
         check = stack_check(listener(ListenAddress("0.0.0.0:5432", "0.0.0.0", 5432, False)))
         self.assertEqual(check.status, FAIL)
         self.assertEqual(check.hint, 'listen: "[::]:5432" (dual-stack: IPv6 and IPv4)')
+
+    def test_loopback_only_warns(self) -> None:
+        """A loopback bind is deliberate (a sidecar, the demo): a warning saying who cannot reach it."""
+        check = stack_check(listener(ListenAddress("127.0.0.1:5432", "127.0.0.1", 5432, False)))
+        self.assertEqual(check.status, WARN)
+        self.assertIn("loopback only", check.detail)
 
     def test_dual_stack(self) -> None:
         """``[::]`` passes as dual-stack."""

@@ -118,9 +118,17 @@ class ProbeConnection(Protocol):
         """The pyOpenSSL ``Connection`` once TLS started (``ISSLTransport.getHandle``)."""
         return self.transport.getHandle()  # type: ignore[union-attr]
 
-    def close(self) -> None:
+    def close(self, graceful: bool = False) -> None:
+        """Abort (a probe of an upstream: nothing to say to it), or end with a FIN when ``graceful``.
+
+        A graceful end is for probing a listener of the running proxy: its
+        access log then shows a clean close, not a reset (``DC``).
+        """
         if self.lost is None and self.transport is not None:
-            self.transport.abortConnection()  # type: ignore[union-attr]
+            if graceful:
+                self.transport.loseConnection()  # type: ignore[union-attr]
+            else:
+                self.transport.abortConnection()  # type: ignore[union-attr]
 
     # -- internals ---------------------------------------------------------------
 

@@ -26,7 +26,7 @@ from typing import Any
 
 from egressproxy.config import ListenerConfig
 from egressproxy.doctor.conn import ConnectFailed, connect
-from egressproxy.doctor.report import FAIL, OK, SKIP, Check
+from egressproxy.doctor.report import FAIL, OK, SKIP, WARN, Check
 
 #: Seconds to wait for a bound listener to accept.
 ACCEPT_TIMEOUT = 2.0
@@ -75,7 +75,7 @@ async def bound_check(reactor: Any, listener: ListenerConfig, bound: Callable[[s
             return Check(subject, "listen", FAIL, f"{listen}: in use, but nothing accepts there ({e.detail})",
                          reactor.seconds() - started,
                          "another process holds the port without accepting: stop it, or choose another port")
-        conn.close()
+        conn.close(graceful=True)
         return Check(subject, "listen", OK, f"{listen}: bound, and accepting (the proxy, if it runs here)",
                      reactor.seconds() - started)
     if problem.errno == errno.EADDRNOTAVAIL:
@@ -97,6 +97,12 @@ def stack_check(listener: ListenerConfig) -> Check:
         return Check(subject, "dual-stack", OK, f"{listen}: takes IPv6 and IPv4")
     ip = ipaddress.ip_address(listen.host)
     port = listen.port if listen.port else 5432
+    if ip.is_loopback:
+        # Bound to loopback on purpose (a sidecar, a demo): nothing off this
+        # machine was meant to reach it, so there is nothing to fix, only to know.
+        return Check(subject, "dual-stack", WARN,
+                     f"{listen}: loopback only: only this machine reaches it (not fly proxy, not other apps)", 0.0,
+                     f'listen: "[::]:{port}" if apps or fly proxy should reach it')
     if ip.version == 4:
         return Check(subject, "dual-stack", FAIL,
                      f"{listen}: IPv4 only: fly proxy and Fly's private network (6PN, flycast) arrive over IPv6 "

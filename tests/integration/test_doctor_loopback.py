@@ -87,7 +87,8 @@ class DoctorLoopbackTests(TestCase):
     async def test_ipv4_only_listener(self) -> None:
         """An IPv4-only listener fails at the dual-stack step with the [::] hint; the upstream still passes."""
         port = free_dual_stack_port()
-        yaml_text = doctor_yaml(self.server.port, self.server.ca_path, f"127.0.0.1:{port}")
+        # 0.0.0.0, not 127.0.0.1: a loopback bind is only a warning (see StackTests).
+        yaml_text = doctor_yaml(self.server.port, self.server.ca_path, f"0.0.0.0:{port}")
         report = await self.doctor(yaml_text, login())
         failure = self.first_failure(report)
         self.assertEqual((failure.subject, failure.step), ("listener pg", "dual-stack"))

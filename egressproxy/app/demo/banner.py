@@ -99,9 +99,10 @@ Try, in another terminal:
 
    {curl_command(facts, REFUSED_URL)}
 
-4. check every cluster and listener of the config:
+4. check every cluster and listener of the config, step by step, and log in
+   (the listeners' "loopback only" warnings are expected: the demo stays local):
 
-   egressproxy doctor --config {shlex.quote(facts.config_path)}
+   PGPASSWORD={shlex.quote(facts.password)} egressproxy doctor --config {shlex.quote(facts.config_path)} --login {ROLE}
 
 5. the admin service: {admin}/ (status page), {admin}/stats, {admin}/clusters, {admin}/metrics
    POST /drain and /reload need: -H 'Authorization: Bearer {facts.admin_token}'

@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 _SKEW = datetime.timedelta(hours=1)
-_LIFETIME = datetime.timedelta(days=7)
+_LIFETIME = datetime.timedelta(days=90)
 
 
 @attrs.frozen

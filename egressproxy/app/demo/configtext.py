@@ -82,8 +82,13 @@ def choose_ports(
     return DemoPorts(*chosen)
 
 
-def render_config(ports: DemoPorts, pg_port: int) -> str:
-    """The demo's YAML: three listeners in front of one database, admin on loopback."""
+def render_config(ports: DemoPorts, pg_port: int, ca_file: str) -> str:
+    """The demo's YAML: three listeners in front of one database, admin on loopback.
+
+    ``ca_file`` is the demo CA's certificate: the cluster names it so that
+    ``egressproxy doctor`` verifies the database's chain against it (a real
+    provider's CA is usually in the system store and needs no such line).
+    """
     db = f"{SERVER_NAME}:{pg_port}"
     return f"""\
 # egressproxy demo: three listeners in front of one throwaway PostgreSQL.
@@ -114,6 +119,9 @@ listeners:
     listen: "127.0.0.1:{ports.direct}"
     mode: tcp
     cluster: demo_db
+    # Dial the database only once the client has sent something (PostgreSQL
+    # clients always speak first): a port probe costs the database nothing.
+    upstream_connect: on_first_byte
 
   # Postgres-aware: reads the TLS server name (SNI) from the client's hello
   # and routes by it; a name that matches no route is never dialled (NR).
@@ -134,6 +142,8 @@ clusters:
   - name: demo_db
     endpoints: ["{db}"]
     connect_timeout: 2s
+    # The CA that signed the database's certificate, for doctor's chain check.
+    tls: {{ca_file: "{ca_file}"}}
     # Every 5s: an SSLRequest, and the answer must be PostgreSQL's.
     health_check: {{kind: postgres, interval: 5s, timeout: 2s}}
 

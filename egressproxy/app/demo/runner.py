@@ -159,7 +159,7 @@ class Demo:
         cluster.create_login(ROLE, password, DATABASE)
         config_path = os.path.join(workdir, CONFIG_NAME)
         with open(config_path, "w", encoding="utf-8") as f:
-            f.write(render_config(ports, cluster.port))
+            f.write(render_config(ports, cluster.port, tls.ca_path))
         self.say(f"egressproxy demo: starting the proxy with {config_path}")
         token = self.environ.get(ADMIN_TOKEN_ENV) or secrets.token_urlsafe(16)
         self._bind(config_path, {**self.environ, ADMIN_TOKEN_ENV: token})
