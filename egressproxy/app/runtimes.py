@@ -32,7 +32,7 @@ from egressproxy.observe.accesslog import make_access_logger
 from egressproxy.observe.origin import NO_ORIGIN, Origin
 from egressproxy.upstream.addrguard import OwnSockets
 from egressproxy.addresses import format_host_port, peer_ip
-from egressproxy.config import ClusterConfig, Config, HealthCheckConfig, ListenerConfig
+from egressproxy.config import ClusterConfig, Config, HealthCheckConfig, ListenAddress, ListenerConfig
 from egressproxy.datapath.fastpath import FastPath
 from egressproxy.datapath.sockopts import NOT_TUNED, tune_listening_socket
 from egressproxy.upstream.health import HealthChecker
@@ -162,10 +162,12 @@ class ServiceRuntimes:
             self.dynamic[listener.name] = self._new_cluster(config, f"{listener.name}.dynamic")
         return self.dynamic[listener.name]
 
-    def _bind_listener(self, runtime: ListenerRuntime) -> IListeningPort:
+    def _bind_listener(self, runtime: ListenerRuntime, address: ListenAddress | None = None) -> IListeningPort:
+        """Bind ``runtime``'s listen address (or ``address``: the egress gate reopening the port it had)."""
         try:
             port = listen(
-                self.reactor, runtime.config.listen, ListenerFactory(runtime), reuse_port=self.worker_count > 1
+                self.reactor, address or runtime.config.listen, ListenerFactory(runtime),
+                reuse_port=self.worker_count > 1,
             )
         except ListenError as e:
             raise ListenError(f"listener {runtime.config.name!r}: {e}") from None

@@ -64,6 +64,7 @@ from twisted.web.server import Site
 
 from egressproxy.upstream.addrguard import OwnSockets
 from egressproxy.observe.egressip import EgressIpWatch
+from egressproxy.app.egressgate import EgressGate
 from egressproxy.observe.admin import ADMIN_TOKEN_ENV, admin_token, build_admin_site, build_metrics_site
 from egressproxy.config import Config, ConfigError, load_config
 from egressproxy.app.listen import ListenError, listen
@@ -121,8 +122,10 @@ class EgressService(ServiceRuntimes, MultiService):
         self.draining = False
         self._bound = False
         self._drained: defer.Deferred[None] | None = None
-        #: The egress-address check (``expected_egress_ips``), main worker only; None without it.
+        #: The egress-address check (``expected_egress_ips``); None without it.
         self.egress: EgressIpWatch | None = None
+        #: Closes the listeners while the egress address is unexpected (``when_unexpected: close_listeners``).
+        self.gate: EgressGate | None = None
 
     def _prepare(self, config: Config) -> Config:
         """The config as this worker runs it: its share of the limits; HTTP services on the main worker only."""
@@ -239,14 +242,23 @@ class EgressService(ServiceRuntimes, MultiService):
         super().startService()
 
     def _start_egress_check(self) -> None:
-        """With ``expected_egress_ips``: learn the egress address by STUN, not ready until it is expected."""
+        """With ``expected_egress_ips``: learn the egress address by STUN, not ready until it is expected.
+
+        With ``when_unexpected: close_listeners`` every worker checks, and its
+        gate closes its own listening sockets while the address is unexpected
+        (``egressgate.py``); otherwise only the main worker checks, for /ready.
+        """
         config = self.config
-        if config.expected_egress_ips is None or config.egress_ip_check is None or self.worker_index > 0:
-            return
         check = config.egress_ip_check
+        if config.expected_egress_ips is None or check is None:
+            return
+        closes = check.when_unexpected == "close_listeners"
+        if self.worker_index > 0 and not closes:
+            return
+        self.gate = EgressGate(self, check.interval) if closes else None
         self.egress = EgressIpWatch(
             self.reactor, [(a.host, a.port) for a in check.stun], frozenset(config.expected_egress_ips),
-            check.interval,
+            check.interval, on_change=self.gate.changed if self.gate is not None else None,
         )
         self.egress.start()
 
@@ -352,6 +364,8 @@ class EgressService(ServiceRuntimes, MultiService):
         try:
             loaded = self._reload_config()
             summary = self._apply(self._prepare(loaded))
+            if self.gate is not None:
+                self.gate.enforce()
         except (ConfigError, ListenError) as e:
             self.reloads["error"] += 1
             self.log.error("reload failed; the running config stays in force:\n{error}", error=str(e))

@@ -282,6 +282,11 @@ class EgressIpCheck:
 
     stun: tuple[Address, ...]
     interval: float = 60.0
+    #: ``close_listeners``: also stop listening while the address is
+    #: unexpected (egressgate.py); ``not_ready``: only /ready says so.
+    when_unexpected: str = attrs.field(
+        default="close_listeners", validator=attrs.validators.in_(("close_listeners", "not_ready"))
+    )
 
 
 @attrs.frozen

@@ -170,9 +170,9 @@ class Settings:
         return tuple(r.each(items, path, one))
 
     def egress_ip_check(self, node: yaml.Node, path: Path) -> EgressIpCheck:
-        """``egress_ip_check``: ``stun`` (HOST:PORT list, required) and ``interval`` (default 60s)."""
+        """``egress_ip_check``: ``stun`` (HOST:PORT list, required), ``interval`` (default 60s), ``when_unexpected``."""
         r = self.r
-        fields = r.mapping(node, path, ("stun", "interval"), ("stun",))
+        fields = r.mapping(node, path, ("stun", "interval", "when_unexpected"), ("stun",))
         items = r.sequence(fields["stun"], path + ("stun",), "HOST:PORT STUN servers")
         if not items:
             r.fail(fields["stun"], path + ("stun",), "list at least one STUN server, e.g. stun.cloudflare.com:3478")
@@ -188,7 +188,14 @@ class Settings:
         interval = r.duration(fields["interval"], path + ("interval",)) if "interval" in fields else 60.0
         if interval <= 0:
             r.fail(fields["interval"], path + ("interval",), "expected a duration above zero, e.g. 60s")
-        return EgressIpCheck(stun=servers, interval=interval)
+        when = "close_listeners"
+        if "when_unexpected" in fields:
+            when = r.text(fields["when_unexpected"], path + ("when_unexpected",), "close_listeners or not_ready")
+            if when not in ("close_listeners", "not_ready"):
+                r.fail(fields["when_unexpected"], path + ("when_unexpected",),
+                       f"expected close_listeners (stop listening while the address is unexpected, so Fly's "
+                       f"checks fail over) or not_ready (only /ready answers 503), got {when!r}")
+        return EgressIpCheck(stun=servers, interval=interval, when_unexpected=when)
 
     def workers(self, node: yaml.Node, path: Path) -> int:
         """``workers``: a count, or ``auto`` for one per CPU this process may use."""
