@@ -19,11 +19,19 @@ refuse parts of the 2,000 and 10,000 connection tests by design), and socat's
 listen backlog (5 by default). HAProxy runs its default of one thread per
 CPU, and ``egressproxy`` the same with ``workers: auto``; ``egressproxy-1w``
 is a single worker, as on a one-vCPU Fly Machine (where ``auto`` is 1 too).
+
+egressproxy instances get one more port when the caller passes
+``originate``: a ``mode: postgres`` listener with ``tls: originate`` in front
+of the same PostgreSQL, for clients in plaintext (``sslmode=disable``), the
+proxy dialling verified TLS itself (``server_name`` and ``ca_file`` of the
+bench CA). The other peers have no such mode, so they get no such port.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -41,6 +49,12 @@ EGRESSPROXY_WORKERS = {"egressproxy": "auto", "egressproxy-1w": "1"}
 
 # The upstreams every instance forwards to, by the key used for its ports.
 UPSTREAMS = ("pg", "iperf", "echo")
+
+#: The port key of egressproxy's ``tls: originate`` listener (to the "pg" upstream).
+ORIGINATE = "pg_originate"
+
+#: egressproxy's log line for each listener each worker binds, whatever its mode.
+_LISTENING = re.compile(r"listener \S+ \(\w+\) listening on ")
 
 _START_TIMEOUT = 30.0
 
@@ -81,7 +95,19 @@ def haproxy_maxconn(nofile: int) -> int:
     return max(100, min(20000, (nofile - 200) // 2))
 
 
-def egressproxy_config(ports: Mapping[str, int], upstreams: Mapping[str, int], workers: str = "1") -> str:
+def egressproxy_config(
+    ports: Mapping[str, int],
+    upstreams: Mapping[str, int],
+    workers: str = "1",
+    originate: tuple[str, str] | None = None,
+    fast_path: str | None = None,
+) -> str:
+    """
+    egressproxy's YAML: a tcp listener per upstream, and with ``originate``
+    (the database's TLS server name and the CA file) a Postgres originate
+    listener on ``ports[ORIGINATE]``. ``fast_path`` is written only when
+    given; otherwise the proxy's default data path runs.
+    """
     listeners = []
     clusters = []
     for name in UPSTREAMS:
@@ -100,13 +126,33 @@ def egressproxy_config(ports: Mapping[str, int], upstreams: Mapping[str, int], w
             f"    max_connections: 20000\n"
             f"    max_pending: 1024\n"
         )
+    if originate is not None:
+        server_name, ca_file = originate
+        listeners.append(
+            f"  - name: {ORIGINATE}\n"
+            f'    listen: "127.0.0.1:{ports[ORIGINATE]}"\n'
+            f"    mode: postgres\n"
+            f"    tls: originate\n"
+            f"    cluster: pg_tls\n"
+            f"    max_connections: 20000\n"
+            f"    max_connections_per_source: 20000\n"
+        )
+        clusters.append(
+            f"  - name: pg_tls\n"
+            f'    endpoints: ["127.0.0.1:{upstreams["pg"]}"]\n'
+            f"    tls: {{server_name: {server_name}, ca_file: {json.dumps(ca_file)}}}\n"
+            f"    health_check: false\n"
+            f"    max_connections: 20000\n"
+            f"    max_pending: 1024\n"
+        )
     return (
         "# written by bench/peers.py\n"
         "admin: false\n"
         "metrics: false\n"
         "drain_timeout: 2s\n"
         f"workers: {workers}\n"
-        "listeners:\n" + "".join(listeners) + "clusters:\n" + "".join(clusters)
+        + (f"fast_path: {fast_path}\n" if fast_path else "")
+        + "listeners:\n" + "".join(listeners) + "clusters:\n" + "".join(clusters)
     )
 
 
@@ -157,6 +203,8 @@ def start(
     tag: str,
     code_root: str,
     nofile: int,
+    originate: tuple[str, str] | None = None,
+    fast_path: str | None = None,
 ) -> Instance:
     """
     Start one instance of ``peer``; return once every port listens.
@@ -164,7 +212,8 @@ def start(
     ``tag`` names its config and log files in ``workdir`` (instances are
     started more than once: fresh ones for the memory tests). egressproxy
     runs from ``code_root`` (put first on PYTHONPATH), whatever the Python
-    environment has installed.
+    environment has installed; ``originate`` and ``fast_path`` are passed
+    to its config (see ``egressproxy_config``) and ignored for other peers.
     """
     if peer == "direct":
         return Instance(peer, dict(upstreams), (), ())
@@ -173,9 +222,11 @@ def start(
     procs: list[subprocess.Popen[bytes]] = []
     listens: list[list[int]] = []  # the ports each process in procs binds
     if peer in EGRESSPROXY_WORKERS:
+        if originate is not None:
+            ports[ORIGINATE] = free_port()
         config_path = os.path.join(workdir, f"{tag}.yaml")
         with open(config_path, "w", encoding="utf-8") as f:
-            f.write(egressproxy_config(ports, upstreams, EGRESSPROXY_WORKERS[peer]))
+            f.write(egressproxy_config(ports, upstreams, EGRESSPROXY_WORKERS[peer], originate, fast_path))
         env = dict(os.environ)
         env["PYTHONPATH"] = code_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         procs.append(supervisor.start(twistd_argv(config_path), log_path, env=env))
@@ -204,26 +255,27 @@ def start(
         if peer in EGRESSPROXY_WORKERS:
             # The main worker listens first; wait for every worker's listeners,
             # or the first connections would all land on the main worker.
-            _wait_for_log(log_path, "(tcp) listening on", len(UPSTREAMS) * _worker_count(peer), procs[0], peer)
+            _wait_for_log(log_path, len(ports) * worker_count(peer), procs[0], peer)
     except BaseException:
         stop(instance, supervisor)
         raise
     return instance
 
 
-def _worker_count(peer: str) -> int:
+def worker_count(peer: str) -> int:
+    """The worker processes an egressproxy peer runs here (``auto``: one per CPU we may use)."""
     workers = EGRESSPROXY_WORKERS[peer]
     return len(os.sched_getaffinity(0)) if workers == "auto" else int(workers)
 
 
-def _wait_for_log(path: str, text: str, count: int, proc: subprocess.Popen[bytes], what: str) -> None:
-    """Wait until ``text`` appears ``count`` times in the log at ``path``."""
+def _wait_for_log(path: str, count: int, proc: subprocess.Popen[bytes], what: str) -> None:
+    """Wait until ``count`` listener-bound lines are in the log at ``path``."""
     deadline = time.monotonic() + _START_TIMEOUT
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"{what} exited with status {proc.returncode} while starting its workers")
         with open(path, encoding="utf-8", errors="replace") as f:
-            if f.read().count(text) >= count:
+            if len(_LISTENING.findall(f.read())) >= count:
                 return
         time.sleep(0.05)
     raise RuntimeError(f"{what}: {count} listeners were not up after {_START_TIMEOUT:.0f}s (see {path})")

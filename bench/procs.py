@@ -7,8 +7,8 @@ order), remembering every one, and stopping each by its PID: SIGTERM to the
 process, then to whatever it forked (socat forks one child per connection),
 SIGKILL for anything still alive after a grace period. Nothing is ever
 signalled by name. It also reads /proc: the process tree under a PID, its
-proportional set size (PSS, from ``smaps_rollup``), its CPU time, its open
-descriptors, and whether a loopback port is listening.
+CPU time, its open descriptors, and whether a loopback port is listening
+(memory is memory.py's).
 
 It does not know what the processes are for; peers.py and run.py do.
 """
@@ -162,9 +162,10 @@ def _children_map() -> dict[int, list[int]]:
     return children
 
 
-def process_tree(pid: int) -> list[int]:
+def process_tree(pid: int, zombies: bool = False) -> list[int]:
     """
-    ``pid`` followed by all its live descendants (breadth first).
+    ``pid`` followed by all its live descendants (breadth first), and with
+    ``zombies`` those that have exited but are not reaped yet.
     """
     children = _children_map()
     tree = [pid]
@@ -172,36 +173,19 @@ def process_tree(pid: int) -> list[int]:
     while i < len(tree):
         tree.extend(children.get(tree[i], []))
         i += 1
-    return [p for p in tree if _alive(p)]
-
-
-def tree_pss_kib(pid: int) -> int:
-    """
-    Proportional set size of ``pid`` and its descendants, in KiB.
-
-    PSS divides each shared page among the processes mapping it, so summing it
-    over socat's forked children counts their shared library and copy-on-write
-    pages once, which RSS would not.
-    """
-    total = 0
-    for p in process_tree(pid):
-        try:
-            with open(f"/proc/{p}/smaps_rollup", encoding="ascii") as f:
-                for line in f:
-                    if line.startswith("Pss:"):
-                        total += int(line.split()[1])
-                        break
-        except OSError:
-            continue
-    return total
+    return tree if zombies else [p for p in tree if _alive(p)]
 
 
 def tree_cpu_seconds(pid: int) -> float:
     """
-    CPU time (user + system) of ``pid``, its live descendants and reaped children.
+    CPU time (user + system) of ``pid``, its descendants and reaped children.
+
+    A child that has exited but is not reaped yet (socat's per-connection
+    children, just after pgbench closes) is counted from its own entry:
+    its time reaches the parent's reaped-children total only once reaped.
     """
     total = 0
-    for p in process_tree(pid):
+    for p in process_tree(pid, zombies=True):
         try:
             with open(f"/proc/{p}/stat", encoding="ascii", errors="replace") as f:
                 fields = f.read().rsplit(")", 1)[1].split()

@@ -18,6 +18,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import costs
+import sizing
+
 
 @dataclass(frozen=True)
 class Column:
@@ -45,6 +48,8 @@ CPU_TESTS = (
     ("pgbench_connect", "-C c8"),
     ("iperf3", "iperf3"),
     ("copy", "COPY"),
+    ("pgbench_c8", "c8 tcp"),
+    ("pgbench_originate", "c8 originate"),
 )
 
 Samples = Mapping[str, Mapping[str, Sequence[Mapping[str, Any]]]]
@@ -221,6 +226,8 @@ def render(results: Mapping[str, Any]) -> str:
         parts.append(f"{params['idle_conns']:,} idle connections")
     if "c10k" in tests:
         parts.append(f"{params['c10k_conns']:,} concurrent")
+    if params.get("fast_path", "default") != "default":
+        parts.append(f"egressproxy fast_path: {params['fast_path']}")
     parts.append(f"run time {meta.get('duration_seconds', 0) / 60:.1f} min")
     out.append(" · ".join(parts))
     out.append("")
@@ -296,6 +303,10 @@ def render(results: Mapping[str, Any]) -> str:
                 rows.append(row)
             out.append(_markdown_table(["peer", *[label for _t, label in CPU_TESTS]], rows))
             out.append("")
+
+    out.extend(costs.render_costs(samples, peers))
+    out.extend(costs.render_originate(samples, peers))
+    out.extend(sizing.render(results))
 
     c10k = results.get("c10k")
     if c10k:

@@ -10,8 +10,11 @@ them, and then runs rounds. In each round every test runs through every peer
 back to back, the peer order rotating from round to round, so drift of the
 machine (thermal, noisy neighbours, caches) lands on all peers alike instead
 of on whichever ran last. Memory is measured on fresh instances, one per peer
-per round, so a test that ran before cannot inflate or hide it. The 10,000
-connection test runs last, through egressproxy alone, on its own instance.
+per round, so a test that ran before cannot inflate or hide it. The
+originate test (pgbench through a tcp and a ``tls: originate`` listener, back
+to back) runs through the egressproxy peers only, which alone have that
+mode. The 10,000 connection test runs last, through egressproxy alone, on
+its own instance.
 
 Each figure is the median of the rounds; results/<time>/results.json keeps
 every sample, results.md has the tables (also printed at the end). Every
@@ -26,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import select
 import shutil
@@ -43,13 +45,19 @@ BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO_ROOT = os.path.dirname(BENCH_DIR)
 sys.path.insert(0, REPO_ROOT)
 
+import memory  # noqa: E402
 import peers  # noqa: E402
+import provenance  # noqa: E402
 import procs  # noqa: E402
 import report  # noqa: E402
 import workloads  # noqa: E402
 from tests.integration.pgserver import PostgresServer  # noqa: E402
 
 TRAFFIC_TESTS = ("pgbench_c1", "pgbench_c32", "pgbench_connect", "iperf3", "copy")
+# ``--tests originate``: pgbench -c 8 through egressproxy's tcp listener (TLS
+# end to end) and through its ``tls: originate`` listener (plaintext to the
+# proxy, which dials TLS), back to back, egressproxy peers only.
+ORIGINATE_PAIR = ("pgbench_c8", "pgbench_originate")
 # --tests names -> internal test names.
 TEST_NAMES = {
     "c1": "pgbench_c1",
@@ -57,6 +65,7 @@ TEST_NAMES = {
     "connect": "pgbench_connect",
     "iperf3": "iperf3",
     "copy": "copy",
+    "originate": "pgbench_originate",
     "idle": "idle",
     "c10k": "c10k",
 }
@@ -88,6 +97,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--seconds", type=int, help="pgbench seconds per run (default 6, quick 2)")
     parser.add_argument("--idle-conns", type=int, help="idle connections per peer (default 2000, quick 200)")
     parser.add_argument("--c10k-conns", type=int, help="concurrent connections through egressproxy (default 10000, quick 1000)")
+    parser.add_argument(
+        "--fast-path",
+        choices=("auto", "relay", "python", "off"),
+        help="egressproxy's fast_path setting (default: not written, the proxy's own default)",
+    )
     args = parser.parse_args(argv)
     chosen = [p.strip() for p in args.only.split(",") if p.strip()]
     unknown = [p for p in chosen if p not in peers.PEERS]
@@ -129,7 +143,7 @@ class Run:
         self.c10k: dict[str, Any] | None = None
         self.copy_bytes = 0
         self.select1 = os.path.join(run_dir, "select1.sql")
-        self.code_root = _snapshot_code(run_dir)
+        self.code_root = provenance.snapshot_code(run_dir)
 
     def say(self, text: str) -> None:
         print(f"[{time.monotonic() - self.started:7.1f}s] {text}", flush=True)
@@ -175,7 +189,17 @@ class Run:
         self.say("listening: " + ", ".join(f"{p} {dict(i.ports)}" for p, i in self.instances.items()))
 
     def start_instance(self, peer: str, tag: str) -> peers.Instance:
-        return peers.start(peer, self.upstreams, self.supervisor, self.run_dir, tag, self.code_root, self.nofile)
+        assert self.pg is not None
+        originate = (self.pg.host_names[0], self.pg.ca_path)
+        return peers.start(
+            peer, self.upstreams, self.supervisor, self.run_dir, tag, self.code_root, self.nofile,
+            originate=originate, fast_path=self.args.fast_path,
+        )
+
+    def originate_dsn(self, instance: peers.Instance) -> str:
+        """Plaintext to the proxy's originate listener; the proxy dials verified TLS."""
+        assert self.pg is not None
+        return self.pg.dsn(port=instance.ports[peers.ORIGINATE], sslmode="disable")
 
     def warm_up(self) -> None:
         """
@@ -186,6 +210,8 @@ class Run:
         for peer, instance in self.instances.items():
             try:
                 workloads.pgbench(self.pg.dsn(port=instance.ports["pg"]), self.select1, 4, 2, 1, False)
+                if "pgbench_originate" in self.args.tests and peers.ORIGINATE in instance.ports:
+                    workloads.pgbench(self.originate_dsn(instance), self.select1, 4, 2, 1, False)
             except workloads.MeasurementError as e:
                 self.error(0, "warm-up", peer, str(e))
         if "copy" in self.args.tests:
@@ -236,6 +262,8 @@ class Run:
             "pgbench_c1": lambda: workloads.pgbench(self.pg.dsn(port=port), self.select1, 1, 1, seconds, False),
             "pgbench_c32": lambda: workloads.pgbench(self.pg.dsn(port=port), self.select1, 32, 2, seconds, False),
             "pgbench_connect": lambda: workloads.pgbench(self.pg.dsn(port=port), self.select1, 8, 2, seconds, True),
+            "pgbench_c8": lambda: workloads.pgbench(self.pg.dsn(port=port), self.select1, 8, 2, seconds, False),
+            "pgbench_originate": lambda: workloads.pgbench(self.originate_dsn(instance), self.select1, 8, 2, seconds, False),
             "iperf3": lambda: workloads.iperf3(port, self.args.iperf3_seconds),
             "copy": lambda: workloads.copy_out(self.pg.dsn(port=port), COPY_TABLE, self.copy_bytes),
         }
@@ -268,15 +296,22 @@ class Run:
         """
         instance = self.start_instance(peer, f"{peer}-idle-r{round_no}")
         try:
+            # What the proxy occupies freshly started, every worker listening
+            # (the sizing table's baseline).
+            rss_start = sum(memory.tree_rss_kib(pid) for pid in instance.pids)
             # A few connections first, so one-time allocations (first
             # session, first dial) are in the baseline, not charged per connection.
             workloads.held_connections(instance.ports["echo"], 10, dict)
             time.sleep(0.5)
-            baseline = sum(procs.tree_pss_kib(pid) for pid in instance.pids)
+            baseline = sum(memory.tree_pss_kib(pid) for pid in instance.pids)
+            slab_baseline = memory.socket_slab_kib()
 
             def measure() -> dict[str, Any]:
                 time.sleep(1.0)
-                return {"pss_held_kib": sum(procs.tree_pss_kib(pid) for pid in instance.pids)}
+                return {
+                    "pss_held_kib": sum(memory.tree_pss_kib(pid) for pid in instance.pids),
+                    "slab_held_kib": memory.socket_slab_kib(),
+                }
 
             snapshot = procs.cpu_snapshot()
             stat_before = procs.machine_cpu()
@@ -285,6 +320,12 @@ class Run:
             sample["wall_s"] = time.perf_counter() - started
             self.foreign(sample, snapshot, stat_before)
             sample["pss_baseline_kib"] = baseline
+            sample["rss_start_kib"] = rss_start
+            sample["slab_baseline_kib"] = slab_baseline
+            if sample["accepted"] and slab_baseline is not None and sample["slab_held_kib"] is not None:
+                # Machine-wide: every socket of the test (client, proxy, echo
+                # server) and whatever else ran; costs.py subtracts direct's.
+                sample["slab_kib_per_conn"] = (sample["slab_held_kib"] - slab_baseline) / sample["accepted"]
             if instance.pids and sample["accepted"]:
                 sample["kib_per_conn"] = (sample["pss_held_kib"] - baseline) / sample["accepted"]
             return sample
@@ -310,6 +351,8 @@ class Run:
                     sample["round"] = r
                     self.record(test, peer, sample)
                     self.say(f"round {r} {test:16} {peer:12} {_brief(test, sample)}")
+            if "pgbench_originate" in self.args.tests:
+                self.originate_round(r, order)
             if "idle" in self.args.tests:
                 for peer in order:
                     try:
@@ -320,6 +363,26 @@ class Run:
                     sample["round"] = r
                     self.record("idle", peer, sample)
                     self.say(f"round {r} {'idle':16} {peer:12} {_brief('idle', sample)}")
+
+    def originate_round(self, r: int, order: list[str]) -> None:
+        """
+        pgbench -c 8 through tcp and through originate, back to back per
+        egressproxy peer; which goes first alternates from round to round.
+        """
+        pair = ORIGINATE_PAIR if r % 2 else ORIGINATE_PAIR[::-1]
+        for peer in order:
+            if peer not in peers.EGRESSPROXY_WORKERS:
+                continue
+            for test in pair:
+                instance = self.ensure_alive(peer, r, test)
+                try:
+                    sample = self.traffic_test(test, instance)
+                except (workloads.MeasurementError, OSError) as e:
+                    self.error(r, test, peer, str(e))
+                    continue
+                sample["round"] = r
+                self.record(test, peer, sample)
+                self.say(f"round {r} {test:16} {peer:12} {_brief(test, sample)}")
 
     def c10k_test(self) -> None:
         """
@@ -339,7 +402,7 @@ class Run:
             # tree, and each worker has its own descriptor limit.
             workers = len(procs.process_tree(pid))
             fd_baseline = procs.tree_fd_count(pid)
-            pss_baseline = procs.tree_pss_kib(pid)
+            pss_baseline = memory.tree_pss_kib(pid)
             per_process_limit = procs.nofile_limit(pid)
             fd_limit = per_process_limit * workers if per_process_limit is not None else None
             fd_needed = 2 * n + fd_baseline
@@ -353,7 +416,7 @@ class Run:
 
             def measure() -> dict[str, Any]:
                 time.sleep(1.0)
-                return {"fd_held": procs.tree_fd_count(pid), "pss_held_kib": procs.tree_pss_kib(pid)}
+                return {"fd_held": procs.tree_fd_count(pid), "pss_held_kib": memory.tree_pss_kib(pid)}
 
             result = workloads.held_connections(port, n, measure, concurrency=200, deadline_seconds=300)
             settle_started = time.monotonic()
@@ -402,6 +465,8 @@ class Run:
                     "c10k_conns": self.args.c10k_conns,
                     "copy_rows": self.args.copy_rows,
                     "copy_bytes": self.copy_bytes,
+                    "fast_path": self.args.fast_path or "default",
+                    "workers": {p: peers.worker_count(p) for p in self.args.peers if p in peers.EGRESSPROXY_WORKERS},
                     "nofile_limit": self.nofile,
                     "haproxy_maxconn": peers.haproxy_maxconn(self.nofile),
                 },
@@ -412,32 +477,6 @@ class Run:
             "errors": self.errors,
             "notes": self.notes,
         }
-
-
-def _snapshot_code(run_dir: str) -> str:
-    """
-    Copy the checkout's egressproxy package and twistd plugin into the run.
-
-    Every instance of the run then runs the same code even while the checkout
-    is being edited, and the run keeps a record of what it measured (with
-    ``git diff`` of uncommitted changes in egressproxy.diff).
-    """
-    src = os.path.join(run_dir, "src")
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "dropin.cache")
-    shutil.copytree(os.path.join(REPO_ROOT, "egressproxy"), os.path.join(src, "egressproxy"), ignore=ignore)
-    shutil.copytree(os.path.join(REPO_ROOT, "twisted", "plugins"), os.path.join(src, "twisted", "plugins"), ignore=ignore)
-    diff = ""
-    for argv in (
-        ["git", "-C", REPO_ROOT, "status", "--short", "--untracked-files=all", "--", "egressproxy", "twisted"],
-        ["git", "-C", REPO_ROOT, "diff", "HEAD", "--", "egressproxy", "twisted"],
-    ):
-        try:
-            diff += subprocess.run(argv, capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL).stdout
-        except (OSError, subprocess.SubprocessError):
-            pass
-    with open(os.path.join(run_dir, "egressproxy.diff"), "w", encoding="utf-8") as f:
-        f.write(diff)
-    return src
 
 
 def _brief(test: str, s: Mapping[str, Any]) -> str:
@@ -484,72 +523,6 @@ def _access_flags(log_path: str, prefix: str) -> dict[str, int]:
     except OSError:
         pass
     return dict(flags)
-
-
-def _first_line(argv: list[str], cwd: str | None = None) -> str:
-    """
-    The first line a command prints, or why there is none.
-    """
-    try:
-        result = subprocess.run(argv, capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL, cwd=cwd)
-    except (OSError, subprocess.SubprocessError) as e:
-        return f"unknown ({e})"
-    if result.returncode != 0:
-        return "unknown"
-    text = (result.stdout or result.stderr).strip()
-    return text.splitlines()[0] if text else ""
-
-
-def machine_info(pg: PostgresServer | None, code_root: str) -> dict[str, str]:
-    cpu = "?"
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    mem = "?"
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            mem = f"{int(f.readline().split()[1]) / 1024 / 1024:.1f} GiB"
-    except (OSError, ValueError, IndexError):
-        pass
-    socat = "?"
-    try:
-        out = subprocess.run(["socat", "-V"], capture_output=True, text=True, timeout=30).stdout
-        socat = next((ln.strip() for ln in out.splitlines() if "socat version" in ln), "?")
-    except (OSError, subprocess.SubprocessError):
-        socat = "not found"
-    commit = _first_line(["git", "-C", REPO_ROOT, "rev-parse", "--short", "HEAD"])
-    dirty = _first_line(["git", "-C", REPO_ROOT, "status", "--porcelain", "--untracked-files=all", "--", "egressproxy", "twisted"])
-    try:
-        import twisted
-
-        twisted_version = twisted.__version__
-    except ImportError:
-        twisted_version = "?"
-    return {
-        "cpus": str(os.cpu_count()),
-        "cpu": cpu,
-        "memory": mem,
-        "kernel": platform.release(),
-        "os": _first_line(["sh", "-c", ". /etc/os-release && echo $PRETTY_NAME"]),
-        "python": sys.version.split()[0] + f" ({sys.executable})",
-        "twisted": twisted_version,
-        "egressproxy": commit + ("" if dirty in ("", "unknown") else " plus uncommitted changes (see egressproxy.diff; the code ran from src/, copied at the start)"),
-        "egressproxy imported from": _first_line(
-            ["env", f"PYTHONPATH={code_root}", sys.executable, "-c", "import egressproxy; print(egressproxy.__file__)"],
-            cwd=os.path.dirname(code_root),
-        ),
-        "haproxy": _first_line(["haproxy", "-v"]),
-        "socat": socat,
-        "iperf3": _first_line(["iperf3", "-v"]),
-        "pgbench": _first_line(["pgbench", "-V"]),
-        "postgres": _first_line([os.path.join(pg.bindir, "postgres"), "-V"]) if pg else "?",
-        "descriptor limit": str(procs.nofile_limit(os.getpid())),
-    }
 
 
 def _check_tools(args: argparse.Namespace) -> None:
@@ -610,7 +583,7 @@ def main(argv: list[str]) -> int:
         supervisor.stop_all()
         if run.pg is not None:
             run.pg.stop()
-    results = run.results(machine_info(run.pg, run.code_root))
+    results = run.results(provenance.machine_info(run.pg.bindir if run.pg else None, run.code_root))
     with open(os.path.join(run_dir, "results.json"), "w", encoding="utf-8") as f:
         json.dump(results, f, indent=2, sort_keys=False)
         f.write("\n")
