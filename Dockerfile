@@ -22,6 +22,29 @@ COPY egressproxy/ egressproxy/
 COPY twisted/ twisted/
 RUN /opt/venv/bin/pip install --no-cache-dir .
 
+# -- tunnel-build: the single-file egressproxy-tunnel, for consumer apps ------
+# Not part of this image.  `docker build --target tunnel-build -t egressproxy-tunnel .`
+# leaves the executable at /egressproxy-tunnel, for an app without Python:
+#   COPY --from=egressproxy-tunnel /egressproxy-tunnel /usr/local/bin/egressproxy-tunnel
+# (README, "Consumer apps").  PyInstaller bundles Python and the code into
+# one file; built on Debian 12, it runs on glibc images with glibc 2.36 or
+# newer (Debian 12+, Ubuntu 23.04+; not Alpine's musl).  PyInstaller needs
+# objdump (binutils).
+FROM python:3.11-slim-bookworm AS tunnel-build
+
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends binutils \
+    && rm -rf /var/lib/apt/lists/*
+WORKDIR /src
+COPY pyproject.toml setup.cfg setup.py README.md ./
+COPY egressproxy/ egressproxy/
+COPY twisted/ twisted/
+RUN pip install --no-cache-dir ".[tunnel-binary]"
+RUN pyinstaller --onefile --name egressproxy-tunnel --distpath / --workpath /tmp/pyinstaller \
+        --specpath /tmp/pyinstaller --paths /src egressproxy/tunnel/__main__.py \
+    && /egressproxy-tunnel --version
+
 # -- run ----------------------------------------------------------------------
 FROM python:3.12-slim
 

@@ -6,7 +6,7 @@ over a library call. It does not run the proxy (``twistd egressproxy`` does,
 through the plugin and ``tap.py``) and it holds no configuration rules of its
 own (the ``config`` package does).
 
-Subcommands: ``check-config FILE``, ``urls``, ``doctor`` and ``demo``;
+Subcommands: ``check-config FILE``, ``urls``, ``doctor``, ``demo`` and ``tunnel``;
 each is a ``_add_<name>`` function that adds a subparser and sets ``run`` to a function
 ``(args, io) -> int``.  ``--version`` prints the installed version.
 """
@@ -192,6 +192,24 @@ def _add_doctor(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     parser.set_defaults(run=_doctor)
 
 
+def _tunnel(args: argparse.Namespace, io: _IO) -> int:
+    """Run the app-side tunnel (egressproxy/tunnel/) until COMMAND ends or a signal stops it."""
+    from egressproxy.tunnel.command import run_command  # noqa: PLC0415 - Twisted loads only for this command
+
+    return run_command(args, io.stdout, io.stderr, io.environ)
+
+
+def _add_tunnel(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from egressproxy.tunnel.command import DESCRIPTION  # noqa: PLC0415 - light: no Twisted
+    from egressproxy.tunnel.options import add_arguments  # noqa: PLC0415
+
+    parser = commands.add_parser(
+        "tunnel", help="the app-side half: local listeners carried through the egress app", description=DESCRIPTION
+    )
+    add_arguments(parser)
+    parser.set_defaults(run=_tunnel)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="egressproxy",
@@ -208,6 +226,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_urls(commands)
     _add_demo(commands)
     _add_doctor(commands)
+    _add_tunnel(commands)
     return parser
 
 
