@@ -15,12 +15,21 @@ FROM python:3.12-slim AS build
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/venv
 
+# A C compiler for the compiled relay (egressproxy/_relay.c; the slim image
+# has Python's headers). Build stage only: the run stage gets the built venv.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
+
 # Only what `pip install .` needs (.dockerignore keeps out the rest).
 WORKDIR /src
 COPY pyproject.toml setup.cfg setup.py README.md ./
 COPY egressproxy/ egressproxy/
 COPY twisted/ twisted/
 RUN /opt/venv/bin/pip install --no-cache-dir .
+# The relay is optional for `pip install .` (no compiler: pure-Python data
+# path), but this image has one: an image without the relay is a failed build.
+RUN cd / && /opt/venv/bin/python -c "import egressproxy._relay"
 
 # -- tunnel-build: the single-file egressproxy-tunnel, for consumer apps ------
 # Not part of this image.  `docker build --target tunnel-build -t egressproxy-tunnel .`

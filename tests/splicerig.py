@@ -8,8 +8,11 @@ idle timeout) against the small interface below, and runs them on:
   (``tests.helpers.Harness``), the legs driven by hand;
 - :class:`LoopbackRig`: the real service (:class:`InProcessProxy`) on the
   test reactor, a real client and a real upstream on 127.0.0.1, with
-  ``fast_path: true`` (each splice checked to use the direct reads and
-  writes) or ``fast_path: false`` (checked to use Twisted's ordinary path).
+  ``fast_path: relay`` (each splice checked to be handed to the compiled
+  relay, unless a splice filter keeps it in Python), ``fast_path: python``
+  (checked to use the direct reads and writes) or ``fast_path: off``
+  (checked to use Twisted's ordinary path).  On the relay, "reading" and
+  "held" are read from the relay's queues instead of Twisted's transports.
 
 In both, "the client" and "the upstream" are the proxy's peers, and the
 proxy's own transports are ``transports()``.  The upstream dial is held
@@ -238,9 +241,11 @@ class LoopbackRig:
     kind = "loopback"
     idle = 0.6
 
-    def __init__(self, testcase: TestCase, fast: bool, idle_timeout: float | None = None) -> None:
+    def __init__(self, testcase: TestCase, path: str | bool, idle_timeout: float | None = None) -> None:
         self.testcase = testcase
-        self.fast = fast
+        #: The data path: relay, python (the fast path) or off; True/False mean python/off.
+        self.path = {True: "python", False: "off"}.get(path, path) if isinstance(path, bool) else path
+        self.fast = self.path != "off"
         self.upstreams: list[Peer] = []
         self._gated: list[tuple[UpstreamDial, Any]] = []
         self._records: list[Any] = []
@@ -263,7 +268,7 @@ class LoopbackRig:
         idle = f"    idle_timeout: {int(idle_timeout * 1000)}ms\n" if idle_timeout else ""
         self.proxy = InProcessProxy(
             testcase,
-            f"fast_path: {'true' if fast else 'false'}\n"
+            f"fast_path: {self.path}\n"
             "drain_timeout: 5s\n"
             "listeners:\n"
             "  - name: t\n"
@@ -306,6 +311,14 @@ class LoopbackRig:
         await wait_until(lambda: bool(self.upstreams) and self.session.up is not None and self.session.up.peer is not None)
         self.testcase.addCleanup(lambda: self.server.transport.abortConnection() if self.server.transport.connected else None)
         down_t, up_t = self.transports()
+        filtered = self.session.down.filter is not None or self.session.up.filter is not None
+        if self.path == "relay":
+            self.testcase.assertEqual(self.relayed, not filtered, "relayed exactly when no splice filter is set")
+            if self.relayed:
+                for transport in (down_t, up_t):
+                    self.testcase.assertNotIn(transport, reactor.getReaders(), "Twisted still reads a relayed socket")
+                    self.testcase.assertNotIn(transport, reactor.getWriters(), "Twisted still writes a relayed socket")
+                return
         for leg, transport, other in ((self.session.down, down_t, up_t), (self.session.up, up_t, down_t)):
             if self.fast:
                 self.testcase.assertTrue(hasattr(transport, ATTRIBUTE), "the fast path's direct read is not in use")
@@ -314,12 +327,29 @@ class LoopbackRig:
                 self.testcase.assertFalse(hasattr(transport, ATTRIBUTE), "fast_path: false, yet a direct read is in use")
                 self.testcase.assertEqual(leg._write, other.write, "fast_path: false, yet transport.write is not used")
 
+    @property
+    def relayed(self) -> bool:
+        """Whether the compiled relay carries the session now."""
+        return bool(getattr(self.session, "relayed", False))
+
+    def _relay_held(self) -> tuple[int, int]:
+        """(toward the upstream, toward the client): bytes the relay read and has not sent yet."""
+        return self.session._relay.held(self.session._handle)
+
     def reading(self, side: str) -> bool:
+        if self.relayed:
+            # The relay reads a side exactly when nothing it read from there is still queued.
+            return self._relay_held()[0 if side == "down" else 1] == 0
         down_t, up_t = self.transports()
         return (down_t if side == "down" else up_t) in reactor.getReaders()
 
     def held(self, side: str) -> int | None:
         """Bytes the proxy holds in its write buffer towards ``side``'s peer."""
+        if self.relayed:
+            held = self._relay_held()[1 if side == "down" else 0]
+            bound = self.session._relay.buffer_size
+            self.testcase.assertLessEqual(held, bound, f"the relay holds {held} bytes, past its bound {bound}")
+            return held
         down_t, up_t = self.transports()
         t = down_t if side == "down" else up_t
         return len(t.dataBuffer) - t.offset + t._tempDataLen

@@ -1,8 +1,10 @@
 """Unit tests of the tcp-mode data path: sessions, splices, limits, timers.
 
-The splice's guarantees (:class:`SpliceContract`) run three times: on
-StringTransports, and in the service on real loopback sockets with the fast
-path on and with ``fast_path: false`` (see ``tests/splicerig.py``).
+The splice's guarantees (:class:`SpliceContract`) run four times: on
+StringTransports, and in the service on real loopback sockets handed to the
+compiled relay (``fast_path: relay``), on the Python fast path
+(``fast_path: python``) and on Twisted's ordinary path (``fast_path: off``);
+see ``tests/splicerig.py``.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from egressproxy.datapath.fastpath import FastPath
 from egressproxy.datapath.splice import PENDING_LIMIT
 from tests.helpers import Harness, cluster_config, listener_config
 from tests.integration.proxy import inline
+from tests.relaykit import relay_module
 from tests.splicerig import HOLD_BOUND, LoopbackRig, MemoryRig, flood_payload
 
 import ipaddress
@@ -355,24 +358,79 @@ class MemorySpliceTests(SpliceContract, TestCase):
     rig.idle = MemoryRig.idle  # type: ignore[attr-defined]
 
 
+class LoopbackRelaySpliceTests(SpliceContract, TestCase):
+    """The splice in the service on real loopback sockets, handed to the compiled relay.
+
+    Three of the contract's tests look at how Python joins the legs; here
+    they check what the relay does instead (each says how).
+    """
+
+    def setUp(self) -> None:
+        relay_module()  # a skip saying why, or a failure with EGRESSPROXY_TEST_DATA_PATH=relay
+
+    def rig(self, idle_timeout: float | None = None) -> LoopbackRig:
+        return LoopbackRig(self, "relay", idle_timeout)
+
+    rig.idle = LoopbackRig.idle  # type: ignore[attr-defined]
+
+    @inline
+    async def test_legs_are_each_others_producers(self) -> None:
+        """Instead of producers: Twisted let go of both sockets (neither polled, both detached)."""
+        r = self.rig()
+        await r.connect_client()
+        await r.accept_upstream()  # checks neither transport is a reader or writer any more
+        self.assertTrue(r.relayed)
+        for transport in r.transports():
+            self.assertEqual(transport.socket.fileno(), -1, "Twisted's socket object still owns the descriptor")
+            self.assertIsNone(transport.producer)
+
+    @inline
+    async def test_unfiltered_legs_forward_through_bare_write(self) -> None:
+        """Without a filter, no Python runs per chunk at all: the relay carries the pair and counts it."""
+        r = self.rig()
+        await r.connect_client()
+        await r.accept_upstream()
+        self.assertTrue(r.relayed)
+        r.client_send(b"query")
+        await r.upstream_got(b"query")
+        self.assertEqual(r.session._relay.counts(r.session._handle), (5, 0))
+
+    @inline
+    async def test_filter_sees_one_leg_only(self) -> None:
+        """A filter (set before the splice, as modes do) keeps the pair in Python, where it sees one leg only."""
+        r = self.rig()
+        await r.connect_client()
+        r.session.down.set_filter(lambda data: data.upper())
+        await r.accept_upstream()  # checks it was not relayed
+        r.client_send(b"query")
+        await r.upstream_got(b"QUERY")
+        r.upstream_send(b"reply")
+        await r.client_got(b"reply")
+        self.assertEqual((r.session.bytes_received, r.session.bytes_sent), (5, 5))
+        r.session.down.set_filter(None)
+        self.assertIs(r.session.down.forward, r.session.down._write)
+        r.client_send(b"more")
+        await r.upstream_got(b"QUERYmore")
+
+
 class LoopbackFastSpliceTests(SpliceContract, TestCase):
-    """The splice in the service on real loopback sockets, fast path on."""
+    """The splice in the service on real loopback sockets, on the Python fast path (``fast_path: python``)."""
 
     def setUp(self) -> None:
         if FastPath().check(reactor):
             raise SkipTest(f"the fast path cannot run here: {FastPath().check(reactor)}")
 
     def rig(self, idle_timeout: float | None = None) -> LoopbackRig:
-        return LoopbackRig(self, True, idle_timeout)
+        return LoopbackRig(self, "python", idle_timeout)
 
     rig.idle = LoopbackRig.idle  # type: ignore[attr-defined]
 
 
 class LoopbackOrdinarySpliceTests(SpliceContract, TestCase):
-    """The splice in the service on real loopback sockets, ``fast_path: false``."""
+    """The splice in the service on real loopback sockets, ``fast_path: off``."""
 
     def rig(self, idle_timeout: float | None = None) -> LoopbackRig:
-        return LoopbackRig(self, False, idle_timeout)
+        return LoopbackRig(self, "off", idle_timeout)
 
     rig.idle = LoopbackRig.idle  # type: ignore[attr-defined]
 

@@ -228,7 +228,8 @@ class EgressService(ServiceRuntimes, MultiService):
         self._start_egress_check()
         # The data path's shortcuts: each checked against the installed
         # Twisted and this reactor, each part that cannot run logged and left
-        # on Twisted's path; ``fast_path: false`` turns all off (one log line).
+        # on Twisted's path; ``fast_path: off`` turns all off (one log line).
+        # ``auto`` also starts this process's compiled relay when it loads.
         self.fast_path.install(self.reactor, self.config.fast_path)
         if self.handle_signals:
             self.reactor.callWhenRunning(self._install_signal_handlers)

@@ -88,7 +88,7 @@ class _Document:
         drain_timeout = read("drain_timeout", r.duration, 25.0)
         shutdown_delay = read("shutdown_delay", r.duration, 0.0)
         workers = read("workers", self.settings.workers, 1)
-        fast_path = read("fast_path", r.boolean, True)
+        fast_path = read("fast_path", self.settings.fast_path, "auto")
         expected_egress_ips = read("expected_egress_ips", self.settings.egress_ips)
         egress_ip_check = read("egress_ip_check", self.settings.egress_ip_check)
         if expected_egress_ips and egress_ip_check is None and "egress_ip_check" not in fields:

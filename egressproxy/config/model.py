@@ -347,9 +347,13 @@ class Config:
     #: Worker processes sharing the listeners (``auto`` is resolved to the
     #: CPUs this process may run on when the file is read).
     workers: int = attrs.field(default=1, validator=check_positive_int)
-    #: Use the data path's shortcuts around Twisted's per-event code (when
-    #: the installed Twisted has the parts they rely on); false: Twisted's own path.
-    fast_path: bool = attrs.field(default=True, validator=attrs.validators.instance_of(bool))
+    #: The data path of spliced connections (egressproxy.datapath.relay): auto
+    #: (the compiled relay when it loads, else the Python fast path), relay,
+    #: python, or off (Twisted's own path).  true and false mean auto and off.
+    fast_path: str = attrs.field(
+        default="auto", converter=lambda v: {True: "auto", False: "off"}.get(v, v) if isinstance(v, bool) else v,
+        validator=attrs.validators.in_(("auto", "relay", "python", "off")),
+    )
     #: The public addresses this proxy should egress from; None: no check.
     expected_egress_ips: tuple[str, ...] | None = attrs.field(default=None)
     #: How the egress address is learnt (STUN servers) and how often.

@@ -1,8 +1,8 @@
 """Reading the top-level sections besides listeners and clusters.
 
 ``hosts`` (names pinned to addresses), ``access_log``, the two HTTP
-services (``admin``, ``metrics``) and ``workers``; the plain top-level
-values (durations, ``fast_path``) are read by ``load.py`` directly.
+services (``admin``, ``metrics``), ``workers`` and ``fast_path``; the plain
+top-level values (durations) are read by ``load.py`` directly.
 """
 
 from __future__ import annotations
@@ -208,3 +208,13 @@ class Settings:
         if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_WORKERS:
             self.r.fail(node, path, f"expected {expected}, got {show(value)}")
         return value
+
+    def fast_path(self, node: yaml.Node, path: Path) -> str:
+        """``fast_path``: auto, relay, python or off; true and false mean auto and off."""
+        expected = "auto, relay, python or off (or true/false)"
+        value = flag(self.r.scalar(node, path, expected))
+        if isinstance(value, bool):
+            return "auto" if value else "off"
+        if value not in ("auto", "relay", "python", "off"):
+            self.r.fail(node, path, f"expected {expected}, got {show(value)}")
+        return value  # type: ignore[return-value]

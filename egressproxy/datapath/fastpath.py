@@ -30,11 +30,15 @@ logging one warning per missing name::
 A part falls back alone (a missing ``_tempDataLen`` costs the direct writes
 only); a reactor other than Twisted's epoll reactor (macOS, the tests'
 memory reactors) is no missing name, and says so at info level.  With
-``fast_path: false`` in the config nothing is checked or patched: one line
-at start-up says Twisted's ordinary path is used throughout.  The ordinary
-path keeps every guarantee of the splice (backpressure, half-close, exact
-byte counts, idle timeout, flushing on close); only the bound on what one
-read holds is Twisted's 64 KiB rather than 256 KiB.
+``fast_path: off`` (or ``false``) in the config nothing is checked or
+patched: one line at start-up says Twisted's ordinary path is used
+throughout.  The ordinary path keeps every guarantee of the splice
+(backpressure, half-close, exact byte counts, idle timeout, flushing on
+close); only the bound on what one read holds is Twisted's 64 KiB rather
+than 256 KiB.  With ``auto`` or ``relay`` (``true``), :meth:`FastPath.install`
+also starts the compiled relay when it can run (:attr:`FastPath.relay`, see
+:mod:`egressproxy.datapath.relay`), which then carries plain-TCP splices;
+these shortcuts still serve every handshake and the splices it declines.
 
 The parts act per reactor (dispatch) and per splice (read, write):
 ``install`` patches the reactor's poll step (counted, so two services on one
@@ -63,7 +67,7 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python import log as legacy_log
 
-from egressproxy.datapath import fastdispatch, fastread, fastwrite
+from egressproxy.datapath import fastdispatch, fastread, fastwrite, relay
 
 #: The parts, in the order log lines name them.
 PARTS = ("read", "write", "dispatch")
@@ -214,6 +218,9 @@ class FastPath:
         self.dispatch = False
         #: The client endpoints' wrapper class, as checked (read part).
         self._wrapper: type | None = None
+        #: The compiled relay spliced connections are handed to (``fast_path: auto``
+        #: or ``relay`` when it runs; see :mod:`egressproxy.datapath.relay`), else None.
+        self.relay: relay.RelayRuntime | None = None
 
     # -- the check -----------------------------------------------------------------
 
@@ -228,17 +235,21 @@ class FastPath:
 
     # -- install -------------------------------------------------------------------
 
-    def install(self, reactor: Any, enabled: bool = True) -> tuple[str, ...]:
+    def install(self, reactor: Any, enabled: bool | str = True) -> tuple[str, ...]:
         """Check, then turn on every part that can run; the parts now on.
 
-        ``enabled=False`` (``fast_path: false``) turns none on and says so once.
+        ``enabled`` is the ``fast_path`` setting: ``off`` (``False``) turns
+        none on and says so once; ``auto``/``relay`` (``True``) also start
+        the compiled relay when it can run (:func:`relay.choose`, which logs
+        the data path spliced connections take); ``python`` does not.
         """
         if self.reactor is not None:
             self.uninstall()
         self.reactor = reactor
-        if not enabled:
+        wanted = relay.setting(enabled)
+        if wanted == "off":
             self.log.info(
-                "fast path: off (fast_path: false): Twisted's ordinary path is used for reads, writes and dispatch"
+                "fast path: off (fast_path: off): Twisted's ordinary path is used for reads, writes and dispatch"
             )
             return ()
         version = getattr(twisted, "__version__", "?")
@@ -271,12 +282,16 @@ class FastPath:
             if on else "nothing on: Twisted's ordinary path throughout",
             version=version,
         )
+        self.relay = relay.choose(reactor, wanted)
         return on
 
     def uninstall(self) -> None:
         """Give the reactor its own poll step back; later splices take the ordinary path."""
         if self.dispatch:
             fastdispatch.uninstall(self.reactor)
+        if self.relay is not None:
+            self.relay.retire()  # its live pairs keep their path to the end
+            self.relay = None
         self.read = self.write = self.dispatch = False
         self._wrapper = None
         self.reactor = None

@@ -133,8 +133,15 @@ class Session:
         dial.deferred.addCallbacks(self._upstream_connected, self._upstream_failed)
 
     def splice(self) -> None:
-        """Join the two legs: from here on bytes flow untouched until the end."""
-        join(self.down, self.up, self.listener.fast_path)  # type: ignore[arg-type]
+        """Join the two legs: from here on bytes flow untouched until the end.
+
+        With the compiled relay running (``fast_path: auto``), the legs are
+        handed to it when it can keep the splice's rules (``relayjoin.py``);
+        otherwise, or without it, they are joined in Python.
+        """
+        relay = self.listener.fast_path.relay
+        if relay is None or not relay.take(self):
+            join(self.down, self.up, self.listener.fast_path)  # type: ignore[arg-type]
         self._start_idle_timer()
 
     def close_downstream(self) -> None:
@@ -265,8 +272,6 @@ class Session:
             self._idle_since = now
         elif now - self._idle_since >= timeout:
             self.flag("DI")
-            for leg in (self.down, self.up):
-                if leg is not None:
-                    leg.abort()
+            self.abort()  # both legs (or the relay's pair), at once
             return
         self._after(timeout / 4, self._check_idle)

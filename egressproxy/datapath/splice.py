@@ -70,10 +70,18 @@ Invariants:
    ``FastPath.writer`` (a direct send when nothing is queued) and each
    transport reads through ``FastPath.reader`` (straight into the leg); see
    :mod:`egressproxy.datapath.fastpath`.  When the fast path is off (``fast_path:
-   false``) or a Twisted name it needs is missing, these are
+   off``) or a Twisted name it needs is missing, these are
    ``transport.write`` and Twisted's own ``doRead`` -> ``dataReceived``, and
    every rule above holds the same way.  A splice made outside a service
    (unit tests) uses :data:`~egressproxy.datapath.fastpath.ORDINARY`.
+
+9. **The compiled relay.**  With ``fast_path: auto`` (the default), a
+   session hands its two legs to the compiled relay instead of calling
+   :func:`join` when both are plain TCP and neither has a filter or an
+   unfinished preamble (:mod:`egressproxy.datapath.relayjoin`).  The relay
+   keeps rules 1 to 5 in C, on its own thread (its buffer bound is one
+   64 KiB read per direction); the legs stay the session's, but Twisted no
+   longer reads or writes their sockets.
 
 Rejected alternative: resetting a ``TimeoutMixin`` timer per chunk for the
 idle timeout.  It costs a ``DelayedCall.reset`` on every read; comparing the

@@ -4,6 +4,11 @@ The proxy under test is the real service tree (``EgressService``) built from
 a YAML string, sharing trial's reactor with the test; clients are real
 sockets or real subprocesses (psql, pgbench).  The access log goes to a
 StringIO the test reads.
+
+A YAML text without ``fast_path:`` runs on the data path that
+``EGRESSPROXY_TEST_DATA_PATH`` names (``relay`` or ``python``; unset: the
+default, ``auto``), so one test module can be run on either (``.ci/run``
+runs the data-path modules once more with ``python``).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import attrs
 
 from egressproxy.config import HealthCheckConfig, HttpServiceConfig, ListenAddress, parse_config
 from egressproxy.app.service import EgressService
+from tests.relaykit import wanted_data_path
 
 
 def inline(f: Callable[..., Coroutine[Any, Any, Any]]) -> Callable[..., defer.Deferred[Any]]:
@@ -44,6 +50,12 @@ async def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, step:
     raise AssertionError(f"condition not met within {timeout}s: {predicate}")
 
 
+def test_data_path(default: str) -> str:
+    """The ``fast_path`` a test's config gets when it names none (see the module notes)."""
+    wanted = wanted_data_path()
+    return default if wanted == "auto" else wanted
+
+
 class InProcessProxy:
     """An EgressService on the test reactor, stopped (and its sessions dropped) at cleanup."""
 
@@ -62,6 +74,7 @@ class InProcessProxy:
             config,
             admin=config.admin if "admin:" in yaml_text else ephemeral,
             metrics=config.metrics if "metrics:" in yaml_text else ephemeral,
+            fast_path=config.fast_path if "fast_path:" in yaml_text else test_data_path(config.fast_path),
         )
         self.access = io.StringIO()
         self.service = EgressService(

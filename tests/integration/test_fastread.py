@@ -108,6 +108,7 @@ class DirectReaderTests(TestCase):
         self.addCleanup(echo_port.stopListening)
         proxy = InProcessProxy(
             self,
+            "fast_path: python\n"  # the Python fast path's reads (the relay, when it runs, takes plain TCP)
             "listeners:\n"
             "  - name: t\n"
             '    listen: "127.0.0.1:0"\n'

@@ -1,0 +1,244 @@
+"""Handing a spliced pair to the compiled relay, and what its session becomes.
+
+Once a session's two legs are ready to splice (every handshake done: PROXY
+header, routing, SOCKS/CONNECT, Postgres negotiation), :func:`hand_off`
+gives both sockets to the relay (``egressproxy._relay``, see
+:mod:`egressproxy.datapath.relay`) instead of joining the legs in Python
+(``splice.join``).  It only does so when the relay can keep every rule of
+the splice (``splice.py``'s notes):
+
+- both transports are plain TCP (``tcp.Server``/``tcp.Client``, no TLS:
+  origination and ``client_tls`` keep the Python path), connected, not
+  closing, no write side shut yet and no producer registered;
+- neither leg has a splice filter (note 7) nor a preamble still being read
+  (note 6);
+
+otherwise it returns False and the caller joins in Python as before.
+
+The hand-off, all on the reactor thread:
+
+1. What each side is owed, in order: the bytes Twisted still buffers for
+   that socket (``dataBuffer`` from ``offset``, then ``_tempDataBuffer``),
+   then what the other leg held before the splice (``Leg.pending``, note 5).
+   The relay sends these first.  An EOF a leg already read (``read_closed``)
+   is passed on too, so it becomes the write-side shutdown after them.
+2. ``Relay.add`` with the two descriptors.  If it raises, nothing has
+   changed and the legs are joined in Python.
+3. Twisted lets go: each transport stops reading and writing (off the
+   reactor) and its socket object is detached (``socket.detach``), so the
+   relay alone owns and closes the descriptors.  ``getHost`` is answered
+   from a copy taken before (the service asks it of live upstreams), and a
+   leg's ``close``/``abort`` become the pair's graceful close and abort.
+4. The session's class gains :class:`Relayed`: its byte counters become
+   what Python counted before the hand-off plus the relay's counts (read at
+   the moment they are asked for: scrape, idle check, status page, the
+   end), ``abort`` and ``close_downstream`` become ``close_pair``, and
+   :meth:`Relayed.relay_ended` ends it with the flags the Python path
+   would give (``DC``/``UC`` for a reset that was the first sign of the end).
+
+Rejected: dup'ing the descriptors and leaving Twisted its own.  A close by
+the relay would then not close the connection (the other descriptor keeps
+it open) until the reactor closed its copy too.
+
+The private names used (``dataBuffer``, ``offset``, ``_tempDataBuffer``,
+``_tempDataLen``, ``_writeDisconnecting``, ``TLS``, ``socket``) are checked
+once at start-up by :func:`problems`; when one is missing the relay is not
+used (``relay.choose`` logs which).
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+from twisted.internet import tcp
+from twisted.internet.protocol import Protocol
+
+#: The relay's reasons that the Python path would flag, and their flags.
+RESET_FLAGS = {"reset_a": "DC", "reset_b": "UC"}
+
+#: What the hand-off reads or sets on a TCP transport, and the type it expects.
+_TRANSPORT_NAMES = (
+    ("dataBuffer", bytes), ("offset", int), ("_tempDataBuffer", list), ("_tempDataLen", int),
+    ("_writeDisconnecting", (bool, int)), ("connected", (bool, int)), ("disconnecting", (bool, int)),
+    ("disconnected", (bool, int)), ("TLS", bool),
+)
+
+
+def problems(reactor: Any) -> list[str]:
+    """What the hand-off needs of Twisted's TCP transports and is missing, one line each."""
+    found = []
+    for cls in ("Server", "Client"):
+        if not isinstance(getattr(tcp, cls, None), type):
+            found.append(f"twisted.internet.tcp.{cls}: missing")
+    if found:
+        return found
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        try:
+            probe = tcp.Connection(sock, Protocol(), reactor)
+        except Exception as e:
+            return [f"twisted.internet.tcp.Connection(socket, protocol, reactor): fails: {e!r}"]
+        for name, kind in _TRANSPORT_NAMES:
+            if not isinstance(getattr(probe, name, None), kind):
+                found.append(f"twisted.internet.tcp.Connection.{name}: missing, or not {_kind(kind)}")
+        if not callable(getattr(getattr(probe, "socket", None), "detach", None)):
+            found.append("twisted.internet.tcp.Connection.socket: missing (a socket.socket)")
+        for method in ("stopReading", "stopWriting", "getHost", "getPeer"):
+            if not callable(getattr(probe, method, None)):
+                found.append(f"twisted.internet.tcp.Connection.{method}: missing")
+    finally:
+        sock.close()
+    return found
+
+
+def _kind(kind: type | tuple[type, ...]) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return " or ".join(k.__name__ for k in kinds)
+
+
+def _qualifies(leg: Any) -> bool:
+    """Whether the relay can take this leg's socket and keep the splice's rules."""
+    transport = leg.transport
+    if type(transport) not in (tcp.Server, tcp.Client) or transport.TLS:
+        return False
+    if leg.filter is not None or leg._preamble_eof is not None or leg.lost or leg.write_closed:
+        return False
+    if not transport.connected or transport.disconnecting or transport.disconnected:
+        return False
+    return not transport._writeDisconnecting and getattr(transport, "producer", None) is None
+
+
+def _owed(transport: Any) -> bytes:
+    """What Twisted still holds to write on ``transport``, in order."""
+    buffered = transport.dataBuffer[transport.offset:] if transport.offset else transport.dataBuffer
+    return bytes(buffered) + b"".join(transport._tempDataBuffer)
+
+
+def hand_off(session: Any, relay: Any) -> bool:
+    """Give a session's two legs to ``relay`` (a ``_relay.Relay``); False: join them in Python.
+
+    See the module notes for when it declines and what it changes.
+    """
+    down, up = session.down, session.up
+    if down is None or up is None or not (_qualifies(down) and _qualifies(up)):
+        return False
+    down_t, up_t = down.transport, up.transport
+    to_down = _owed(down_t) + b"".join(up.pending)
+    to_up = _owed(up_t) + b"".join(down.pending)
+    try:
+        hosts = down_t.getHost(), up_t.getHost()
+        handle = relay.add(
+            down_t.socket.fileno(), up_t.socket.fileno(), session,
+            to_a=to_down, to_b=to_up, eof_a=down.read_closed, eof_b=up.read_closed,
+        )
+    except (OSError, ValueError, MemoryError):
+        return False
+    # The relay owns both descriptors from here on: Twisted lets go of them.
+    for leg, transport, host in ((down, down_t, hosts[0]), (up, up_t, hosts[1])):
+        leg.pending = []
+        leg.pending_size = 0
+        transport.stopReading()
+        transport.stopWriting()
+        transport.dataBuffer = b""
+        transport.offset = 0
+        transport._tempDataBuffer = []
+        transport._tempDataLen = 0
+        transport.getHost = lambda host=host: host
+        transport.socket.detach()
+    down.peer, up.peer = up, down
+    Relayed.become(session, relay, handle)
+    for leg in (down, up):
+        # A leg's own closes would reach a transport that no longer has a socket.
+        leg.close = session.close_downstream
+        leg.abort = session.abort
+    return True
+
+
+class Relayed:
+    """Mixed into a session's class at the hand-off: counters and closes go through the relay.
+
+    A mixin made into a subclass of the session's own class (:meth:`become`)
+    rather than a subclass imported here: the session module is what hands
+    off (through its listener's fast path), so it cannot be imported back.
+    """
+
+    _relay: Any
+    #: The pair's handle in the relay; None once it has ended.
+    _handle: int | None
+    _base_received: int
+    _base_sent: int
+
+    #: Subclasses made so far, by the session class they extend.
+    _made: dict[type, type] = {}
+
+    @classmethod
+    def become(cls, session: Any, relay: Any, handle: int) -> None:
+        """Turn ``session`` into a relayed one, keeping what it counted so far."""
+        base = type(session)
+        made = cls._made.get(base)
+        if made is None:
+            made = cls._made[base] = type(f"Relayed{base.__name__}", (cls, base), {"__doc__": base.__doc__})
+        state = vars(session)
+        received = state.pop("bytes_received", 0)
+        sent = state.pop("bytes_sent", 0)
+        session.__class__ = made
+        session._relay = relay
+        session._handle = handle
+        session._base_received = received
+        session._base_sent = sent
+
+    def _count(self, direction: int) -> int:
+        handle = self._handle
+        return 0 if handle is None else self._relay.counts(handle)[direction]
+
+    @property
+    def bytes_received(self) -> int:
+        """Bytes from the client: counted in Python before the hand-off, then by the relay (a to b)."""
+        return self._base_received + self._count(0)
+
+    @bytes_received.setter
+    def bytes_received(self, value: int) -> None:
+        self._base_received = value - self._count(0)
+
+    @property
+    def bytes_sent(self) -> int:
+        """Bytes to the client: counted in Python before the hand-off, then by the relay (b to a)."""
+        return self._base_sent + self._count(1)
+
+    @bytes_sent.setter
+    def bytes_sent(self, value: int) -> None:
+        self._base_sent = value - self._count(1)
+
+    @property
+    def relayed(self) -> bool:
+        """Whether the relay still carries this session's bytes."""
+        return self._handle is not None
+
+    def abort(self) -> None:
+        """Drop both connections now (RST), as ``abortConnection`` does on the Python path."""
+        if self._handle is not None:
+            self._relay.close_pair(self._handle, False)
+
+    def close_downstream(self) -> None:
+        """Flush and close both connections (the relay's linger bounds it)."""
+        if self._handle is not None:
+            self._relay.close_pair(self._handle, True)
+
+    def relay_ended(self, a_to_b: int, b_to_a: int, reason: str) -> None:
+        """The relay closed both sockets: count, flag, release the upstream and finish."""
+        if self._handle is None:
+            return
+        self._handle = None
+        self._base_received += a_to_b
+        self._base_sent += b_to_a
+        flag = RESET_FLAGS.get(reason)
+        if flag is not None:
+            self.flag(flag)  # type: ignore[attr-defined]
+        for leg in (self.down, self.up):  # type: ignore[attr-defined]
+            leg.lost = True
+            transport = leg.transport
+            transport.connected = False
+            transport.disconnected = True
+        self.cluster.released(self.upstream_address)  # type: ignore[attr-defined]
+        self.finish()  # type: ignore[attr-defined]
