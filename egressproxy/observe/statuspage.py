@@ -290,33 +290,34 @@ def _no_store(request: Request) -> None:
     request.setHeader(b"Referrer-Policy", b"no-referrer")
 
 
-class StatusPageResource(Resource):
+class _StatusResource(Resource):
+    """A read-only view of :func:`statusdata.status` now: the page or its JSON (``render_body``)."""
+
+    isLeaf = True
+
+    def __init__(self, service: Any, cluster_status: ClusterStatus) -> None:
+        super().__init__()
+        self.service = service
+        self.cluster_status = cluster_status
+
+    def render_GET(self, request: Request) -> bytes:
+        _no_store(request)
+        return self.render_body(request, status(self.service, self.cluster_status))
+
+    def render_body(self, request: Request, data: dict[str, Any]) -> bytes:
+        raise NotImplementedError
+
+
+class StatusPageResource(_StatusResource):
     """``GET /``: :func:`render_page` of the service now."""
 
-    isLeaf = True
-
-    def __init__(self, service: Any, cluster_status: ClusterStatus) -> None:
-        super().__init__()
-        self.service = service
-        self.cluster_status = cluster_status
-
-    def render_GET(self, request: Request) -> bytes:
-        _no_store(request)
+    def render_body(self, request: Request, data: dict[str, Any]) -> bytes:
         request.setHeader(b"Content-Security-Policy", CSP)
-        return respond(request, 200, render_page(status(self.service, self.cluster_status)), HTML)
+        return respond(request, 200, render_page(data), HTML)
 
 
-class StatusJsonResource(Resource):
+class StatusJsonResource(_StatusResource):
     """``GET /status.json``: :func:`statusdata.status` of the service now, as JSON."""
 
-    isLeaf = True
-
-    def __init__(self, service: Any, cluster_status: ClusterStatus) -> None:
-        super().__init__()
-        self.service = service
-        self.cluster_status = cluster_status
-
-    def render_GET(self, request: Request) -> bytes:
-        _no_store(request)
-        body = json.dumps(status(self.service, self.cluster_status), indent=2) + "\n"
-        return respond(request, 200, body, JSON)
+    def render_body(self, request: Request, data: dict[str, Any]) -> bytes:
+        return respond(request, 200, json.dumps(data, indent=2) + "\n", JSON)

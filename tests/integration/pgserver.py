@@ -60,6 +60,7 @@ import threading
 import unittest
 from collections.abc import Sequence
 
+from egressproxy.app.demo.pgcluster import file_size, read_from
 from tests.tlsfixtures import TestCA
 
 SERVER_OS_USER = "postgres"
@@ -656,20 +657,8 @@ def _psql_binary(bindir: str) -> str:
     raise unittest.SkipTest("psql not found on PATH nor in " + bindir)
 
 
-def _size(path: str) -> int:
-    try:
-        return os.path.getsize(path)
-    except OSError:
-        return 0
-
-
-def _read_from(path: str, offset: int) -> str:
-    try:
-        with open(path, "rb") as f:
-            f.seek(offset)
-            return f.read().decode("utf-8", errors="replace")
-    except OSError as e:
-        return f"(no log: {e})"
+# A server log's size and its text from an offset: the demo's helpers, shared.
+_size, _read_from = file_size, read_from
 
 
 _shared: PostgresServer | None = None

@@ -261,14 +261,14 @@ class PgCluster:
         for attempt in range(1, _START_ATTEMPTS + 1):
             self.port = free_port()
             self._write_conf()
-            log_size = _size(self.logfile)
+            log_size = file_size(self.logfile)
             self._start_unfinished = True
             result = self._tool("pg_ctl", "-D", self.datadir, "-l", self.logfile, "-w", "-t", "60", "start")
             self._start_unfinished = False
             if result.returncode == 0:
                 self.pid = self._read_pid()
                 return
-            log = _read_from(self.logfile, log_size)
+            log = read_from(self.logfile, log_size)
             if "could not bind" in log and attempt < _START_ATTEMPTS:
                 continue
             raise DemoError(
@@ -341,14 +341,16 @@ class PgCluster:
         return None
 
 
-def _size(path: str) -> int:
+def file_size(path: str) -> int:
+    """A file's size now, 0 when it is missing: where to start reading what a server logs next."""
     try:
         return os.path.getsize(path)
     except OSError:
         return 0
 
 
-def _read_from(path: str, offset: int) -> str:
+def read_from(path: str, offset: int) -> str:
+    """A log's text from ``offset`` on (for an error message), or why it cannot be read."""
     try:
         with open(path, "rb") as f:
             f.seek(offset)
