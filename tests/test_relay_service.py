@@ -212,8 +212,11 @@ class RelayServiceTests(TestCase):
         relay_module()
         proxy = self.proxy("auto")
         _client, session = await self.session(proxy)
-        local = session.up.transport.getHost()
+        # The socket is the relay's now: the address was kept at the hand-off.
+        local = session.relayed_local
+        self.assertIsNotNone(local)
         self.assertTrue(proxy.service.is_own_upstream(local))
+
 
     @inline
     async def test_client_reset_flags_dc(self) -> None:

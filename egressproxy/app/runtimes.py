@@ -112,7 +112,8 @@ class ServiceRuntimes:
                 transport = up.transport if up is not None and not up.lost else None
                 if transport is None:
                     continue
-                local = transport.getHost()
+                # A relayed pair's socket is the relay's: its address was kept at the hand-off.
+                local = session.relayed_local or transport.getHost()
                 if getattr(local, "port", None) == port and peer_ip(local) == ip:
                     return True
         return False

@@ -127,7 +127,10 @@ def hand_off(session: Any, relay: Any) -> bool:
     to_down = _owed(down_t) + b"".join(up.pending)
     to_up = _owed(up_t) + b"".join(down.pending)
     try:
-        hosts = down_t.getHost(), up_t.getHost()
+        # Asked later of live upstreams (the admin's own-upstream check), when
+        # the socket is no longer Twisted's to ask; kept in a slot the session
+        # already has, so its attribute table stays shared (memory per session).
+        session.relayed_local = up_t.getHost()
         handle = relay.add(
             down_t.socket.fileno(), up_t.socket.fileno(), session,
             to_a=to_down, to_b=to_up, eof_a=down.read_closed, eof_b=up.read_closed,
@@ -135,24 +138,50 @@ def hand_off(session: Any, relay: Any) -> bool:
     except (OSError, ValueError, MemoryError):
         return False
     # The relay owns both descriptors from here on: Twisted lets go of them.
-    for leg, transport, host in ((down, down_t, hosts[0]), (up, up_t, hosts[1])):
-        leg.pending = []
+    # Only attributes the objects already have are set, and classes swapped
+    # rather than methods stored per instance: a new instance attribute would
+    # give each object its own attribute table, about 1 KiB per relayed
+    # connection (an idle connection is mostly these objects).
+    for leg, transport in ((down, down_t), (up, up_t)):
+        leg.pending.clear()
         leg.pending_size = 0
         transport.stopReading()
         transport.stopWriting()
-        transport.dataBuffer = b""
-        transport.offset = 0
-        transport._tempDataBuffer = []
+        if transport.dataBuffer:  # else still the class's empty default: leave it so
+            transport.dataBuffer = b""
+        if transport.offset:
+            transport.offset = 0
+        transport._tempDataBuffer.clear()
         transport._tempDataLen = 0
-        transport.getHost = lambda host=host: host
         transport.socket.detach()
+        RelayedLeg.become(leg)
     down.peer, up.peer = up, down
     Relayed.become(session, relay, handle)
-    for leg in (down, up):
-        # A leg's own closes would reach a transport that no longer has a socket.
-        leg.close = session.close_downstream
-        leg.abort = session.abort
     return True
+
+
+class RelayedLeg:
+    """Mixed into a leg's class at the hand-off: its own closes go to the pair in the relay.
+
+    A leg's ``close``/``abort`` would otherwise reach a transport that no
+    longer has a socket.
+    """
+
+    _made: dict[type, type] = {}
+
+    @classmethod
+    def become(cls, leg: Any) -> None:
+        base = type(leg)
+        made = cls._made.get(base)
+        if made is None:
+            made = cls._made[base] = type(f"Relayed{base.__name__}", (cls, base), {"__doc__": base.__doc__})
+        leg.__class__ = made
+
+    def close(self) -> None:
+        self.session.close_downstream()  # type: ignore[attr-defined]
+
+    def abort(self) -> None:
+        self.session.abort()  # type: ignore[attr-defined]
 
 
 class Relayed:
@@ -179,9 +208,9 @@ class Relayed:
         made = cls._made.get(base)
         if made is None:
             made = cls._made[base] = type(f"Relayed{base.__name__}", (cls, base), {"__doc__": base.__doc__})
-        state = vars(session)
-        received = state.pop("bytes_received", 0)
-        sent = state.pop("bytes_sent", 0)
+        # The plain counters stay in the instance's table, shadowed by the
+        # properties below: removing them would unshare the table (see hand_off).
+        received, sent = session.bytes_received, session.bytes_sent
         session.__class__ = made
         session._relay = relay
         session._handle = handle

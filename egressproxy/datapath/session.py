@@ -65,6 +65,14 @@ class Session:
         self._idle_since = 0.0
         #: Runs the conversation before the splice (PROXY header, admission, the mode's machine).
         self.driver = Driver(self)
+        # Set when the compiled relay takes the pair (relayjoin.Relayed); made
+        # here so that the hand-off adds no attribute (each would cost the
+        # session its shared attribute table).
+        self.relayed_local: IAddress | None = None
+        self._relay: object | None = None
+        self._handle: int | None = None
+        self._base_received = 0
+        self._base_sent = 0
 
     # -- outcome -----------------------------------------------------------
 
