@@ -26,9 +26,14 @@ The hand-off, all on the reactor thread:
    changed and the legs are joined in Python.
 3. Twisted lets go: each transport stops reading and writing (off the
    reactor) and its socket object is detached (``socket.detach``), so the
-   relay alone owns and closes the descriptors.  ``getHost`` is answered
-   from a copy taken before (the service asks it of live upstreams), and a
+   relay alone owns and closes the descriptors.  Each leg's transport is
+   then replaced by a :class:`DetachedTransport` holding its peer (and the
+   upstream's local address, taken before: the service asks it of live
+   upstreams), so Twisted's transport and socket objects are freed; and a
    leg's ``close``/``abort`` become the pair's graceful close and abort.
+   No attribute is added to any object that stays (see :func:`hand_off`):
+   an idle relayed connection is mostly these objects, and a new instance
+   attribute costs each one its shared attribute table.
 4. The session's class gains :class:`Relayed`: its byte counters become
    what Python counted before the hand-off plus the relay's counts (read at
    the moment they are asked for: scrape, idle check, status page, the
@@ -155,9 +160,55 @@ def hand_off(session: Any, relay: Any) -> bool:
         transport._tempDataLen = 0
         transport.socket.detach()
         RelayedLeg.become(leg)
+        # Twisted's transport (and its socket object) would stay alive for
+        # the connection's life doing nothing: a small stand-in answers the
+        # few questions still asked, and the transport is freed.
+        leg.transport = DetachedTransport(transport.getPeer(), session.relayed_local if leg is up else None)
     down.peer, up.peer = up, down
     Relayed.become(session, relay, handle)
     return True
+
+
+class DetachedTransport:
+    """A relayed leg's transport: its addresses and state, no socket (the relay has it).
+
+    Asked after the hand-off: ``getPeer``/``getHost`` (status page, the
+    admin's own-upstream check), ``connected``/``disconnecting``/
+    ``disconnected`` (set by :meth:`Relayed.relay_ended`), ``TLS``.  Writes
+    and closes never reach it: the leg's own closes go to the relay
+    (:class:`RelayedLeg`) and nothing writes to a relayed leg.
+    """
+
+    __slots__ = ("_peer", "_host", "connected", "disconnecting", "disconnected")
+    TLS = False
+    producer = None
+
+    def __init__(self, peer: Any, host: Any) -> None:
+        self._peer = peer
+        self._host = host
+        self.connected = True
+        self.disconnecting = False
+        self.disconnected = False
+
+    def getPeer(self) -> Any:
+        return self._peer
+
+    def getHost(self) -> Any:
+        """The local address kept at the hand-off (the upstream's), else None."""
+        return self._host
+
+    def getHandle(self) -> None:
+        return None
+
+    def write(self, data: bytes) -> None:
+        raise RuntimeError("a relayed leg is written by the relay only")
+
+    def loseConnection(self) -> None:
+        """Nothing to do: the relay closes the socket."""
+
+    abortConnection = loseConnection
+    pauseProducing = resumeProducing = stopProducing = loseConnection
+    unregisterProducer = loseConnection
 
 
 class RelayedLeg:
