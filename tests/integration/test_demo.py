@@ -114,7 +114,12 @@ class DemoProcess:
             os.killpg(self.proc.pid, signum)
 
     def wait(self, timeout: float = STOP_TIMEOUT) -> int:
-        code = self.proc.wait(timeout=timeout)
+        try:
+            code = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(
+                f"demo still running {timeout:g}s after the signal\nstdout:\n{self.stdout()}\nstderr:\n{self.stderr()}"
+            ) from None
         for reader in self._readers:
             reader.join(5)
         return code

@@ -312,11 +312,13 @@ class PgCluster:
         pid = self.pid or self._read_pid() or self._wait_for_pid()
         if pid is None:
             return
-        for mode in ("fast", "immediate"):
+        # Bounded so that Ctrl-C always ends within about 20 s, whatever state
+        # the server was caught in (it may be mid-start, or shutting down already).
+        for mode, seconds in (("fast", "10"), ("immediate", "5")):
             if not _alive(pid):
                 break
             try:
-                self._tool("pg_ctl", "-D", self.datadir, "-m", mode, "-w", "-t", "30", "stop")
+                self._tool("pg_ctl", "-D", self.datadir, "-m", mode, "-w", "-t", seconds, "stop")
             except DemoError:
                 pass
         if _alive(pid):
