@@ -2,7 +2,7 @@
 
 Run it inside a test's network namespace::
 
-    python -m tests.integration.closegate --listen 10.77.0.10:6432 --to 10.77.0.10:5432 --allow 10.77.0.20
+    python -m tests.integration.closegate --listen 10.77.0.10:6432 --to 10.77.0.10:5432 --allow 10.77.0.20   # in the test's netns
 
 It accepts every TCP connection; one whose source address is not in
 ``--allow`` is closed at once, before a byte is read or written (the client

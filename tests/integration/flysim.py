@@ -52,8 +52,9 @@ from tests.integration.pgserver import PostgresServer
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-APP1, APP2, FLYPROXY = "10.77.0.11", "10.77.0.12", "10.77.0.2"
-M1, M2, DB = "10.77.0.21", "10.77.0.22", "10.77.0.30"
+# Addresses on the lab's bridge (netlab.py): each exists only inside the netns the test creates.
+APP1, APP2, FLYPROXY = "10.77.0.11", "10.77.0.12", "10.77.0.2"  # netns hosts
+M1, M2, DB = "10.77.0.21", "10.77.0.22", "10.77.0.30"  # netns hosts
 STUN_PORT = 3478
 #: What README's deploy section and fly.toml recommend.
 SHUTDOWN_DELAY, DRAIN_TIMEOUT = 5.0, 25.0

@@ -2,7 +2,7 @@
 
 Run it inside a test's network namespace::
 
-    python -m tests.integration.httpsorigin --cert C --key K --listen 10.77.0.40:443 [--max-seconds 600]
+    python -m tests.integration.httpsorigin --cert C --key K --listen 10.77.0.40:443 [--max-seconds 600]   # in the test's netns
 
 Every GET answers ``200`` with ``hello from <Host header>`` and a newline;
 it prints ``ready HOST:PORT`` on stdout once listening.  It stands in for an
