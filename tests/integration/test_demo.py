@@ -60,7 +60,8 @@ def _need_postgres() -> str:
 class DemoProcess:
     """One ``egressproxy demo`` subprocess and everything it printed so far."""
 
-    def __init__(self, *args: str) -> None:
+    def __init__(self, *args: str, sigint_ignored: bool = False) -> None:
+        """Start the demo; ``sigint_ignored``: as a background job of a script would (SIGINT ignored)."""
         self.launched = time.monotonic()
         #: Seconds from launch until ``wait_for`` first saw its condition (the ready banner).
         self.ready_after = 0.0
@@ -68,6 +69,7 @@ class DemoProcess:
             [sys.executable, "-m", "egressproxy.app.cli", "demo", *args],
             cwd=ROOT, env=_environment(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
             stderr=subprocess.PIPE, text=True, errors="replace", start_new_session=True,
+            preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if sigint_ignored else None,
         )
         self._lock = threading.Lock()
         self.out: list[str] = []
@@ -381,9 +383,14 @@ class StopAndFailureTests(SynchronousTestCase):
         self.fail(f"the server never ran {sql!r}")
 
     def test_ctrl_c_during_start_up(self) -> None:
-        """Ctrl-C while PostgreSQL is being set up: exit 0 and nothing left, wherever it landed."""
+        """Ctrl-C while PostgreSQL is being set up: exit 0 and nothing left, wherever it landed.
+
+        Started with SIGINT ignored, as a background job of a script inherits it
+        (CI once ran that way and the demo ignored the Ctrl-C): the demo must
+        take SIGINT back itself.
+        """
         _need_postgres()
-        demo = DemoProcess("--port-base", "0")
+        demo = DemoProcess("--port-base", "0", sigint_ignored=True)
         self.addCleanup(demo.kill)
         demo.wait_for(lambda t: "starting PostgreSQL" in t, START_TIMEOUT, "set-up under way")
         workdir = demo.workdir()

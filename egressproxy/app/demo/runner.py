@@ -106,6 +106,10 @@ class Demo:
         """Set up, serve until a signal, clean up; 0 after a signal, 1 when set-up failed."""
         started = time.monotonic()  # only for the "started in" figure shown to the user
         previous = {signum: signal.getsignal(signum) for signum in _SIGNALS}
+        # Ctrl-C must stop the demo even when it was started with SIGINT
+        # ignored (a background job of a non-interactive shell inherits that),
+        # so the default handler is put in explicitly rather than inherited.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, _interrupt)
         signal.signal(signal.SIGHUP, _interrupt)
         stack = contextlib.ExitStack()
