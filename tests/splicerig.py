@@ -36,6 +36,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 
+from egressproxy.datapath.quicklane import QuickLane
 from egressproxy.upstream.dial import UpstreamDial
 from egressproxy.datapath.fastread import ATTRIBUTE, READ_SIZE
 from tests.helpers import Harness, cluster_config
@@ -265,6 +266,10 @@ class LoopbackRig:
 
         self._connect = UpstreamDial._connect
         testcase.patch(UpstreamDial, "_connect", connect)
+        # The splice is what is under test, on the ordinary path the rig can
+        # gate; the quick lane, which skips that path, has its own tests
+        # (tests/integration/test_quick_lane.py).
+        testcase.patch(QuickLane, "wanted", lambda lane: False)
         idle = f"    idle_timeout: {int(idle_timeout * 1000)}ms\n" if idle_timeout else ""
         self.proxy = InProcessProxy(
             testcase,

@@ -107,6 +107,18 @@ class DispatchTests(SynchronousTestCase):
         self.assertEqual(selectable.calls, [])
         self.assertEqual(selectable.lost, [])
 
+    def test_direct_method_takes_any_event(self) -> None:
+        """A selectable with the DIRECT method (the relay's notifications, a quick-lane dial) has it called for any event."""
+        fastdispatch.install(self.reactor)
+        direct: list[None] = []
+        selectable, theirs = self.selectable()
+        setattr(selectable, fastdispatch.DIRECT, lambda: (direct.append(None), selectable.sock.recv(4096)))
+        theirs.sendall(b"ended")
+        theirs.close()  # readable and hung up: not the plain read event
+        self.reactor.doIteration(0)
+        self.assertEqual(direct, [None])
+        self.assertEqual((selectable.calls, selectable.lost), ([], []))
+
     def test_other_selectables_keep_twisted_path(self) -> None:
         """A selectable without a fast reader still gets doRead."""
         fastdispatch.install(self.reactor)

@@ -39,6 +39,7 @@ from egressproxy.upstream.health import HealthChecker
 from egressproxy.app.configdiff import describe_changes
 from egressproxy.app.listen import ListenError, listen
 from egressproxy.datapath.listener import ListenerFactory, ListenerRuntime
+from egressproxy.datapath.quicklane import QuickLane, port_supported
 from egressproxy.upstream.cluster import UpstreamCluster
 from egressproxy.app.workers import share_cluster_limits
 
@@ -165,13 +166,17 @@ class ServiceRuntimes:
 
     def _bind_listener(self, runtime: ListenerRuntime, address: ListenAddress | None = None) -> IListeningPort:
         """Bind ``runtime``'s listen address (or ``address``: the egress gate reopening the port it had)."""
+        factory = ListenerFactory(runtime)
         try:
-            port = listen(
-                self.reactor, address or runtime.config.listen, ListenerFactory(runtime),
-                reuse_port=self.worker_count > 1,
-            )
+            port = listen(self.reactor, address or runtime.config.listen, factory, reuse_port=self.worker_count > 1)
         except ListenError as e:
             raise ListenError(f"listener {runtime.config.name!r}: {e}") from None
+        if port_supported(port):
+            # The quick lane takes accepted sockets the ordinary path would
+            # give a Twisted transport (quicklane.py), when it may.
+            factory.lane = lane = QuickLane(runtime, self.reactor)
+            lane.ordinary = port.transport
+            port.transport = lane.transport
         self.log.info(
             "listener {name} ({mode}) listening on {address} -> cluster {cluster}",
             name=runtime.config.name,

@@ -17,7 +17,10 @@ transports do.  That reader is called directly; what it returns, or raises,
 is handled as ``_doReadOrWrite`` handles it (``_disconnectSelectable`` with
 the read flag; an exception is logged and disconnects).  Every other event,
 and every other selectable (listening ports, the waker, TLS, connections not
-yet spliced), takes Twisted's path unchanged.
+yet spliced), takes Twisted's path unchanged, except the data path's own
+descriptors that carry a :data:`DIRECT` method (the relay's notification
+descriptor, a quick-lane dial; ``quicklane.py``): any event on those calls
+it directly.
 
 The poll step uses private parts of ``EPollReactor`` (``_poller``,
 ``_selectables``, ``_doReadOrWrite``, ``_disconnectSelectable``,
@@ -43,6 +46,11 @@ try:
     from twisted.internet.epollreactor import EPollReactor
 except ImportError:  # not Linux
     EPollReactor = None  # type: ignore[assignment,misc]
+
+#: A method of the data path's own descriptors (the relay's notifications, a
+#: quick-lane dial) that handles any event on them and never disconnects:
+#: called directly, without Twisted's logging context.
+DIRECT = "egress_event"
 
 #: On a reactor whose poll step is ours: how many installs it has.
 MARK = "_egress_fast_dispatch"
@@ -86,6 +94,13 @@ def install(reactor: Any) -> None:
                     if why:
                         call_with_logger(selectable, disconnect, selectable, why, True)
                     continue
+            direct = getattr(selectable, DIRECT, None)
+            if direct is not None:
+                try:
+                    direct()
+                except BaseException:
+                    log.err()
+                continue
             call_with_logger(selectable, handle, selectable, fd, event)
 
     reactor.doIteration = do_poll

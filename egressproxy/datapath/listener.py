@@ -19,6 +19,7 @@ from egressproxy.upstream.addrguard import AddressPolicy
 from egressproxy.addresses import IPAddress, peer_ip, source_allowed
 from egressproxy.config import ListenerConfig
 from egressproxy.datapath.fastpath import ORDINARY, FastPath
+from egressproxy.datapath.quicklane import LaneAccept, QuickLane
 from egressproxy.datapath.sockopts import NOT_TUNED
 from egressproxy.modes import registry
 from egressproxy.datapath.splice import DownstreamLeg
@@ -33,6 +34,9 @@ RECENT_PROBLEMS = 20
 
 #: Flags that end a connection without anything having gone wrong: not kept among the problems.
 QUIET_FLAGS = frozenset({"NB", "DI", "DT"})
+
+#: The access-log flag of each refusal at admission.
+_REFUSAL_FLAGS = {"source": "RBAC", "max_connections": "OM", "max_connections_per_source": "OM"}
 
 #: Why a connection may be refused before anything is dialled.
 REJECT_REASONS = (
@@ -104,20 +108,31 @@ class ListenerRuntime:
         """
         self.connections_total += 1
         source = peer_ip(session.peer_address)
-        if not source_allowed(source, self.config.allow_sources):
-            self._reject("source")
-            return "RBAC"
-        if len(self.sessions) >= self.config.max_connections:
-            self._reject("max_connections")
-            return "OM"
+        reason = self._refusal(source)
+        if reason is not None:
+            self._reject(reason)
+            return _REFUSAL_FLAGS[reason]
         if source is not None:
-            count = self.per_source.get(source, 0)
-            if count >= self.config.max_connections_per_source:
-                self._reject("max_connections_per_source")
-                return "OM"
-            self.per_source[source] = count + 1
+            self.per_source[source] = self.per_source.get(source, 0) + 1
             session.counted_source = source
         self.sessions.add(session)
+        return None
+
+    def refusal(self, peer: IAddress) -> str | None:
+        """Why :meth:`admit` would refuse a client at ``peer`` now (a ``REJECT_REASONS`` entry), else None.
+
+        Counts nothing: the quick lane asks it before taking a connection,
+        so a refusal is left to the ordinary path, which counts it once.
+        """
+        return self._refusal(peer_ip(peer))
+
+    def _refusal(self, source: IPAddress | None) -> str | None:
+        if not source_allowed(source, self.config.allow_sources):
+            return "source"
+        if len(self.sessions) >= self.config.max_connections:
+            return "max_connections"
+        if source is not None and self.per_source.get(source, 0) >= self.config.max_connections_per_source:
+            return "max_connections_per_source"
         return None
 
     def _reject(self, reason: str) -> None:
@@ -182,10 +197,15 @@ class ListenerFactory(Factory):
 
     noisy = False
 
-    def __init__(self, listener: ListenerRuntime) -> None:
+    def __init__(self, listener: ListenerRuntime, lane: QuickLane | None = None) -> None:
         self.listener = listener
+        #: The listener's quick lane (``quicklane.py``), when its port hands sockets to it.
+        self.lane = lane
 
-    def buildProtocol(self, addr: IAddress) -> DownstreamLeg:
+    def buildProtocol(self, addr: IAddress) -> DownstreamLeg | LaneAccept:
+        lane = self.lane
+        if lane is not None and lane.wanted():
+            return LaneAccept(addr)
         from egressproxy.datapath.session import Session
 
         return DownstreamLeg(Session(self.listener, addr))

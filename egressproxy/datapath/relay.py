@@ -117,6 +117,9 @@ class RelayRuntime:
         if not self.accepting and not self.live():
             self._close()
 
+    #: Called directly by the fast dispatch (``fastdispatch.DIRECT``).
+    egress_event = doRead
+
     def connectionLost(self, reason: Failure) -> None:
         """The reactor dropped us (it is stopping): nothing to clean beyond :meth:`retire`."""
 

@@ -43,7 +43,8 @@ _KEEPALIVE_OPTIONS = tuple(
 NOT_TUNED = object()
 
 
-def _set_options(sock: socket.socket, keepalive: Keepalive | None) -> None:
+def set_socket_options(sock: socket.socket, keepalive: Keepalive | None) -> None:
+    """TCP_NODELAY, and keepalive with the cluster's timers unless ``keepalive`` is None, on a socket."""
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     if keepalive is None:
         return
@@ -57,7 +58,7 @@ def tune_tcp(transport: ITransport, keepalive: Keepalive | None) -> None:
     if not ITCPTransport.providedBy(transport):
         return
     try:
-        _set_options(transport.getHandle(), keepalive)
+        set_socket_options(transport.getHandle(), keepalive)
     except OSError as e:
         # The peer may already have reset the connection; nothing to tune.
         log.debug("could not set socket options: {error}", error=e)
@@ -79,7 +80,7 @@ def tune_listening_socket(port: object, keepalive: Keepalive | None) -> object:
     try:
         if keepalive is None and sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE):
             return NOT_TUNED
-        _set_options(sock, keepalive)
+        set_socket_options(sock, keepalive)
     except OSError as e:
         log.warn("could not set socket options on a listening socket: {error}", error=e)
         return NOT_TUNED
