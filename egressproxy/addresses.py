@@ -8,6 +8,7 @@ access log, so both go through :func:`peer_ip`, which unmaps them.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
@@ -21,11 +22,25 @@ def peer_ip(address: IAddress) -> IPAddress | None:
     """The peer's IP address, IPv4-mapped IPv6 unmapped; None for non-IP peers."""
     if not isinstance(address, (IPv4Address, IPv6Address)):
         return None
-    host = address.host
-    if isinstance(address, IPv6Address):
-        host = host.split("%", 1)[0]  # drop a zone index such as %eth0
+    return _ip_of(address.host)
+
+
+#: How many peer addresses :func:`_ip_of` remembers.
+PARSED_HOSTS = 4096
+
+
+@functools.lru_cache(maxsize=PARSED_HOSTS)
+def _ip_of(host: str) -> IPAddress | None:
+    """A peer host string as an IP address (unmapped), or None; remembered.
+
+    Every new connection asks for its peer's address three times (source
+    check, per-source count, access line), and ``ipaddress`` parsing is a
+    noticeable part of a short connection's cost; clients mostly come back
+    from the same few addresses, and the answers are immutable.  Bounded, so
+    a client rotating its source address only churns it.
+    """
     try:
-        ip = ipaddress.ip_address(host)
+        ip = ipaddress.ip_address(host.split("%", 1)[0])  # drop a zone index such as %eth0
     except ValueError:
         return None
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
@@ -44,13 +59,19 @@ def format_peer(address: IAddress) -> str:
     """The peer as the access log shows it: ``1.2.3.4:5``, ``[fdaa::3]:5``, or a path."""
     ip = peer_ip(address)
     if ip is not None:
-        return format_host_port(str(ip), address.port)  # type: ignore[attr-defined]
+        return format_host_port(_text_of(ip), address.port)  # type: ignore[attr-defined]
     if isinstance(address, UNIXAddress):
         name = address.name
         if isinstance(name, bytes):
             name = name.decode("utf-8", "replace")
         return name or "unix"
     return "-"
+
+
+@functools.lru_cache(maxsize=PARSED_HOSTS)
+def _text_of(ip: IPAddress) -> str:
+    """An address as the access log writes it (remembered, as :func:`_ip_of`)."""
+    return str(ip)
 
 
 def source_allowed(ip: IPAddress | None, networks: tuple[IPNetwork, ...] | None) -> bool:

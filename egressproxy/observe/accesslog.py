@@ -24,6 +24,7 @@ flags (sessions do) or where lines go (``make_access_logger`` wires a
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from typing import IO, Callable
@@ -85,7 +86,13 @@ def format_timestamp(seconds: float) -> str:
     millis = int(round((seconds - whole) * 1000))
     if millis == 1000:
         whole, millis = whole + 1, 0
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + f".{millis:03d}Z"
+    return f"{_second(whole)}.{millis:03d}Z"
+
+
+@functools.lru_cache(maxsize=4)
+def _second(whole: int) -> str:
+    """A whole second's ``2026-06-07T08:11:33``: lines come in bursts within a second, so it is remembered."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
 
 
 def format_flags(flags: tuple[str, ...]) -> str:
