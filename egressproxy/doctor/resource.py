@@ -17,7 +17,7 @@ written to; the run still ends by its own timeouts.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -27,7 +27,9 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from egressproxy.config import Config
 from egressproxy.doctor.report import Report, render_json, render_text
-from egressproxy.doctor.runner import DoctorOptions, run_doctor
+
+if TYPE_CHECKING:
+    from egressproxy.doctor.runner import DoctorOptions
 from egressproxy.observe.httpsite import JSON, TEXT
 
 #: The methods the route accepts (no HEAD: a run is not free).
@@ -61,9 +63,10 @@ class DoctorResource(Resource):
     isLeaf = True
     log = Logger()
 
-    def __init__(self, service: DoctorTarget, options: DoctorOptions = DoctorOptions()) -> None:
+    def __init__(self, service: DoctorTarget, options: DoctorOptions | None = None) -> None:
         super().__init__()
         self.service = service
+        #: None: the defaults, made at the first run.
         self.options = options
         self.running = False
 
@@ -76,9 +79,14 @@ class DoctorResource(Resource):
         self.running = True
         gone: list[bool] = []
         request.notifyFinish().addBoth(lambda _: gone.append(True))
+        # The checks (DNS, STUN, TLS clients) are loaded at the first run, not
+        # at start: each worker would otherwise carry them (about 4.5 MiB) unused.
+        from egressproxy.doctor.runner import DoctorOptions, run_doctor  # noqa: PLC0415
+
         service = self.service
         run = defer.ensureDeferred(run_doctor(
-            service.reactor, service.config, self.options, bound=lambda name: _bound_port(service, name),
+            service.reactor, service.config, self.options or DoctorOptions(),
+            bound=lambda name: _bound_port(service, name),
         ))
         run.addCallbacks(lambda report: self._answer(request, report, gone),
                          lambda failure: self._failed(request, failure, gone))

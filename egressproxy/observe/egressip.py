@@ -27,7 +27,6 @@ from __future__ import annotations
 import ipaddress
 from typing import Any, Callable, Sequence
 
-from aioice import stun
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime, IReactorUDP
 from twisted.internet.protocol import DatagramProtocol
@@ -44,8 +43,20 @@ class ProbeFailed(Exception):
     """No STUN server gave an answer; the message says what was tried."""
 
 
+def _stun() -> Any:
+    """aioice's STUN module, loaded when first needed.
+
+    It brings asyncio and more (about 4 MiB per worker); a proxy without
+    ``egress_ip_check`` never needs it.
+    """
+    from aioice import stun  # noqa: PLC0415
+
+    return stun
+
+
 def binding_request() -> tuple[bytes, bytes]:
     """A Binding request and its transaction id."""
+    stun = _stun()
     message = stun.Message(stun.Method.BINDING, stun.Class.REQUEST)
     return bytes(message), message.transaction_id
 
@@ -55,6 +66,7 @@ def mapped_address(data: bytes, transaction_id: bytes) -> str | None:
 
     Never raises: the bytes come from the network.
     """
+    stun = _stun()
     try:
         message = stun.parse_message(data)
     except Exception:  # malformed input of any shape: not an answer
