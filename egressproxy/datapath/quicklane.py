@@ -200,7 +200,7 @@ class QuickLane:
         from egressproxy.datapath.session import Session
 
         self.taken += 1
-        session = Session(listener, peer)
+        session = Session(listener, peer, driven=False)
         listener.admit(session)
         cluster.breaker.try_acquire_pending()
         if cluster.panicking():

@@ -32,6 +32,29 @@ from egressproxy.upstream.cluster import UpstreamCluster, UpstreamConnectFailed,
 ListenerRuntime = Any
 
 
+class _Undriven:
+    """The driver of a session with nothing to say before its splice (the quick lane's).
+
+    Such a session is admitted, dialled and handed to the relay without a
+    mode's machine (``quicklane.py``), so it needs no
+    :class:`~egressproxy.datapath.driver.Driver`; this stands in for the
+    three things a finished or lost session asks of one.  One shared
+    instance: an idle relayed connection then carries no driver of its own.
+    """
+
+    awaiting_header = False
+
+    def finished(self) -> None:
+        """Nothing was started, so nothing is left to stop."""
+
+    def upstream_lost(self, reason: Failure) -> bool:
+        """No machine answers the client: the loss ends the session as usual."""
+        return False
+
+
+UNDRIVEN = _Undriven()
+
+
 class Session:
     """State of one downstream connection; see the module docstring."""
 
@@ -39,7 +62,7 @@ class Session:
     #: admission (``max_connections_per_source``); None when not counted.
     counted_source: IPAddress | None = None
 
-    def __init__(self, listener: ListenerRuntime, peer: IAddress) -> None:
+    def __init__(self, listener: ListenerRuntime, peer: IAddress, driven: bool = True) -> None:
         self.listener = listener
         self.reactor = listener.reactor
         self.start = self.reactor.seconds()
@@ -64,7 +87,7 @@ class Session:
         self._idle_seen = 0
         self._idle_since = 0.0
         #: Runs the conversation before the splice (PROXY header, admission, the mode's machine).
-        self.driver = Driver(self)
+        self.driver = Driver(self) if driven else UNDRIVEN
         # Set when the compiled relay takes the pair (relayjoin.Relayed); made
         # here so that the hand-off adds no attribute (each would cost the
         # session its shared attribute table).
