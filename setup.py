@@ -40,6 +40,7 @@ if sys.platform.startswith("linux"):
     ext_modules.append(Extension(
         "egressproxy._relay",
         sources=["egressproxy/_relay.c"],
+        depends=["egressproxy/_relaytls.h"],  # its TLS side: no OpenSSL headers or library needed
         extra_compile_args=["-O2", "-std=gnu11", "-Wall"],
         optional=True,
     ))

@@ -88,6 +88,7 @@ static const char *REASONS[] = {
 };
 
 typedef struct pair pair;
+typedef struct tls_side tls_side; /* _relaytls.h */
 
 typedef struct {
     pair *p;
@@ -125,6 +126,8 @@ struct pair {
     pair *live_prev, *live_next; /* the relay thread's list of live pairs */
     int queued;            /* on the ready list (relay thread) */
     int collected;         /* taken by ended() (Python side, under the lock) */
+    tls_side *tls;         /* side b's TLS (_relaytls.h); NULL for a plain pair */
+    PyObject *tls_owner;   /* keeps the SSL object alive; touched with the GIL only */
 };
 
 enum cmd_type { CMD_ADD, CMD_CLOSE, CMD_STOP };
@@ -386,6 +389,8 @@ static int pump_dir(Relay *r, pair *p, int d, int *budget) {
     }
 }
 
+#include "_relaytls.h"
+
 static void check_end(Relay *r, pair *p) {
     if (p->state == ENDED)
         return;
@@ -398,8 +403,11 @@ static void check_end(Relay *r, pair *p) {
     }
     /* CLOSING: each open side closes once what it is owed is flushed */
     for (int x = 0; x < 2; x++) {
-        if (!p->s[x].closed && !p->q[1 - x].len)
+        if (!p->s[x].closed && !p->q[1 - x].len) {
+            if (x == 1 && p->tls)
+                tls_goodbye(r, p);
             close_side(&p->s[x], 0);
+        }
     }
     if (p->s[0].closed && p->s[1].closed)
         finish(r, p);
@@ -410,8 +418,13 @@ static void pump(Relay *r, pair *p) {
     int more = 0;
     if (p->state == ENDED)
         return;
-    more |= pump_dir(r, p, 0, &budget);
-    more |= pump_dir(r, p, 1, &budget);
+    if (p->tls) {
+        more |= tls_pump_up(r, p, &budget);
+        more |= tls_pump_down(r, p, &budget);
+    } else {
+        more |= pump_dir(r, p, 0, &budget);
+        more |= pump_dir(r, p, 1, &budget);
+    }
     check_end(r, p);
     if (more && p->state != ENDED && !p->queued) {
         p->queued = 1;
@@ -658,6 +671,8 @@ static void free_pair(Relay *r, pair *p) {
         r->free_slots[r->nfree++] = slot;
     }
     Py_CLEAR(p->cookie);
+    Py_CLEAR(p->tls_owner);
+    free(p->tls);
     queue_free(&p->q[0]);
     queue_free(&p->q[1]);
     free(p);
@@ -750,12 +765,12 @@ static int check_open(Relay *r) {
 }
 
 static PyObject *Relay_add(Relay *r, PyObject *args, PyObject *kwds) {
-    static char *kwlist[] = {"fd_a", "fd_b", "cookie", "to_a", "to_b", "eof_a", "eof_b", NULL};
+    static char *kwlist[] = {"fd_a", "fd_b", "cookie", "to_a", "to_b", "eof_a", "eof_b", "tls_b", NULL};
     int fd_a, fd_b, eof_a = 0, eof_b = 0;
-    PyObject *cookie;
+    PyObject *cookie, *tls_b = Py_None;
     Py_buffer to_a = {0}, to_b = {0};
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iiO|y*y*pp:add", kwlist, &fd_a, &fd_b, &cookie, &to_a,
-                                     &to_b, &eof_a, &eof_b))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iiO|y*y*ppO:add", kwlist, &fd_a, &fd_b, &cookie, &to_a,
+                                     &to_b, &eof_a, &eof_b, &tls_b))
         return NULL;
     PyObject *result = NULL;
     pair *p = NULL;
@@ -770,6 +785,8 @@ static PyObject *Relay_add(Relay *r, PyObject *args, PyObject *kwds) {
         PyErr_NoMemory();
         goto done;
     }
+    if (tls_b != Py_None && tls_take(p, tls_b) < 0)
+        goto done;
     /* What Twisted still held for each side goes out first, in order: to_b is owed to b (queue a->b). */
     if ((to_b.len && queue_put(&p->q[0], to_b.buf, (size_t)to_b.len, (size_t)to_b.len) < 0) ||
         (to_a.len && queue_put(&p->q[1], to_a.buf, (size_t)to_a.len, (size_t)to_a.len) < 0)) {
@@ -810,6 +827,8 @@ static PyObject *Relay_add(Relay *r, PyObject *args, PyObject *kwds) {
     p = NULL;
 done:
     if (p != NULL) {
+        Py_CLEAR(p->tls_owner);
+        free(p->tls);
         queue_free(&p->q[0]);
         queue_free(&p->q[1]);
         free(p);
@@ -925,9 +944,11 @@ static PyObject *Relay_get_linger(Relay *r, void *Py_UNUSED(closure)) {
 
 static PyMethodDef Relay_methods[] = {
     {"add", (PyCFunction)(void (*)(void))Relay_add, METH_VARARGS | METH_KEYWORDS,
-     "add(fd_a, fd_b, cookie, to_a=b'', to_b=b'', eof_a=False, eof_b=False) -> handle\n\n"
+     "add(fd_a, fd_b, cookie, to_a=b'', to_b=b'', eof_a=False, eof_b=False, tls_b=None) -> handle\n\n"
      "Relay two connected non-blocking TCP sockets; the relay owns the descriptors from now on.\n"
-     "to_a/to_b: bytes owed to each side, sent first; eof_a/eof_b: EOF already read from that side."},
+     "to_a/to_b: bytes owed to each side, sent first; eof_a/eof_b: EOF already read from that side.\n"
+     "tls_b=(ssl, rbio, wbio, owner): b is a TLS client connection set up by pyOpenSSL (see\n"
+     "_relaytls.h); to_b is then ciphertext, and the counts are plaintext."},
     {"counts", (PyCFunction)Relay_counts, METH_O, "counts(handle) -> (bytes_a_to_b, bytes_b_to_a): read so far."},
     {"held", (PyCFunction)Relay_held, METH_O, "held(handle) -> (toward_b, toward_a): bytes read, not yet sent."},
     {"close_pair", (PyCFunction)Relay_close_pair, METH_VARARGS,
@@ -965,11 +986,19 @@ static PyTypeObject RelayType = {
     .tp_new = Relay_new,
 };
 
+static PyMethodDef relay_functions[] = {
+    {"tls_setup", (PyCFunction)relay_tls_setup, METH_VARARGS,
+     "tls_setup(functions, no_renegotiation): the addresses of TLS_FUNCTIONS in pyOpenSSL's OpenSSL\n"
+     "(name -> int) and SSL_OP_NO_RENEGOTIATION's value; before it, add() takes no tls_b."},
+    {NULL, NULL, 0, NULL},
+};
+
 static struct PyModuleDef relaymodule = {
     PyModuleDef_HEAD_INIT,
     .m_name = "egressproxy._relay",
     .m_doc = "Relays spliced TCP socket pairs on a thread of its own, outside the GIL (Linux, epoll).",
     .m_size = -1,
+    .m_methods = relay_functions,
 };
 
 PyMODINIT_FUNC PyInit__relay(void) {
@@ -985,5 +1014,11 @@ PyMODINIT_FUNC PyInit__relay(void) {
         return NULL;
     }
     PyModule_AddIntConstant(m, "BUFFER_SIZE", DEFAULT_BUFFER);
+    PyObject *names = tls_names();
+    if (names == NULL || PyModule_AddObject(m, "TLS_FUNCTIONS", names) < 0) {
+        Py_XDECREF(names);
+        Py_DECREF(m);
+        return NULL;
+    }
     return m;
 }

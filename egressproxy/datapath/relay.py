@@ -13,7 +13,10 @@
 
 With the relay on, the Python fast path is still installed: it carries
 every handshake and the splices the relay declines (TLS on a leg, a splice
-filter; see :mod:`egressproxy.datapath.relayjoin`).
+filter; see :mod:`egressproxy.datapath.relayjoin`).  An originated TLS
+upstream (``tls: originate``) is relayed too when the relay could be given
+pyOpenSSL's OpenSSL (:mod:`egressproxy.datapath.relaytls`); the start-up
+line says whether, and why not.
 
 :class:`RelayRuntime` owns one ``_relay.Relay`` (one thread, its own epoll
 loop) per process: with ``workers: N`` each worker process starts its own.
@@ -39,7 +42,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from egressproxy.datapath import relayjoin
+from egressproxy.datapath import relayjoin, relaytls
 
 #: The values ``fast_path`` takes (``true`` and ``false`` are read as ``auto`` and ``off``).
 SETTINGS = ("auto", "relay", "python", "off")
@@ -90,11 +93,19 @@ class RelayRuntime:
         #: False once retired: no new pairs.
         self.accepting = True
         self.closed = False
+        #: Why originated TLS upstreams are not relayed ("" when they are; ``relaytls.enable``).
+        self.tls_unavailable = relaytls.enable(module)
+        #: Sessions handed over with a TLS upstream leg (the tests' and the status's proof).
+        self.tls_taken = 0
         reactor.addReader(self)
 
     def take(self, session: Any) -> bool:
         """Hand ``session``'s legs to the relay; False: the caller joins them in Python."""
-        return self.accepting and relayjoin.hand_off(session, self.relay)
+        if not (self.accepting and relayjoin.hand_off(session, self.relay, not self.tls_unavailable)):
+            return False
+        if session.up.transport.relayed_tls:
+            self.tls_taken += 1
+        return True
 
     def live(self) -> int:
         """Pairs the relay carries (ended ones not yet delivered included)."""
@@ -171,10 +182,14 @@ def choose(reactor: Any, value: bool | str) -> RelayRuntime | None:
             except (OSError, ValueError, MemoryError) as e:
                 why = f"the relay could not start: {e}"
             else:
+                tls = runtime.tls_unavailable
                 log.info(
                     "data path: compiled relay ({module}, {size} KiB per direction, its own thread) for spliced "
-                    "plain-TCP connections (fast_path: {wanted}); TLS and filtered splices take the Python fast path",
+                    "plain-TCP connections (fast_path: {wanted}); {tls}; client TLS and filtered splices take "
+                    "the Python fast path",
                     module=MODULE, size=runtime.relay.buffer_size // 1024, wanted=wanted,
+                    tls="originated TLS upstreams are relayed too (pyOpenSSL's OpenSSL)" if not tls
+                    else f"originated TLS upstreams are not relayed ({tls})",
                 )
                 return runtime
     if wanted == "relay":

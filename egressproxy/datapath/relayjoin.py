@@ -7,9 +7,13 @@ gives both sockets to the relay (``egressproxy._relay``, see
 (``splice.join``).  It only does so when the relay can keep every rule of
 the splice (``splice.py``'s notes):
 
-- both transports are plain TCP (``tcp.Server``/``tcp.Client``, no TLS:
-  origination and ``client_tls`` keep the Python path), connected, not
+- both transports are TCP (``tcp.Server``/``tcp.Client``), connected, not
   closing, no write side shut yet and no producer registered;
+- neither is TLS, except an upstream leg whose TLS this proxy originated
+  (``tls: originate``) when the relay was given pyOpenSSL's OpenSSL at
+  start-up and the TLS layer is in a state it can take over
+  (:mod:`egressproxy.datapath.relaytls`; ``client_tls`` keeps the Python
+  path);
 - neither leg has a splice filter (note 7) nor a preamble still being read
   (note 6);
 
@@ -20,17 +24,22 @@ The hand-off, all on the reactor thread:
 1. What each side is owed, in order: the bytes Twisted still buffers for
    that socket (``dataBuffer`` from ``offset``, then ``_tempDataBuffer``),
    then what the other leg held before the splice (``Leg.pending``, note 5).
-   The relay sends these first.  An EOF a leg already read (``read_closed``)
-   is passed on too, so it becomes the write-side shutdown after them.
-2. ``Relay.add`` with the two descriptors.  If it raises, nothing has
-   changed and the legs are joined in Python.
-3. Twisted lets go: each transport stops reading and writing (off the
-   reactor) and its socket object is detached (``socket.detach``), so the
-   relay alone owns and closes the descriptors.  Each leg's transport is
-   then replaced by a :class:`DetachedTransport` holding its peer (and the
-   upstream's local address, taken before: the service asks it of live
-   upstreams), so Twisted's transport and socket objects are freed; and a
-   leg's ``close``/``abort`` become the pair's graceful close and abort.
+   The relay sends these first.  Towards a TLS upstream everything owed is
+   made ciphertext first: the client leg's pending bytes are written
+   through the TLS layer (``relaytls.take``), so the TCP buffer holds it
+   all.  An EOF a leg already read (``read_closed``) is passed on too, so
+   it becomes the write-side shutdown after them.
+2. The reactor stops polling both sockets, then ``Relay.add`` with the two
+   descriptors.  If it raises, the sockets are polled again and the legs
+   are joined in Python.
+3. Twisted lets go: each socket object is detached (``socket.detach``), so
+   the relay alone owns and closes the descriptors; a TLS upstream's
+   Twisted TLS layer is made inert (``relaytls.release``).  Each leg's
+   transport is then replaced by a :class:`DetachedTransport` holding its
+   peer (and the upstream's local address, taken before: the service asks
+   it of live upstreams), so Twisted's transport and socket objects are
+   freed; and a leg's ``close``/``abort`` become the pair's graceful close
+   and abort.
    No attribute is added to any object that stays (see :func:`hand_off`):
    an idle relayed connection is mostly these objects, and a new instance
    attribute costs each one its shared attribute table.
@@ -58,6 +67,8 @@ from typing import Any
 
 from twisted.internet import tcp
 from twisted.internet.protocol import Protocol
+
+from egressproxy.datapath import relaytls
 
 #: The relay's reasons that the Python path would flag, and their flags.
 RESET_FLAGS = {"reset_a": "DC", "reset_b": "UC"}
@@ -89,7 +100,7 @@ def problems(reactor: Any) -> list[str]:
                 found.append(f"twisted.internet.tcp.Connection.{name}: missing, or not {_kind(kind)}")
         if not callable(getattr(getattr(probe, "socket", None), "detach", None)):
             found.append("twisted.internet.tcp.Connection.socket: missing (a socket.socket)")
-        for method in ("stopReading", "stopWriting", "getHost", "getPeer"):
+        for method in ("stopReading", "stopWriting", "startReading", "startWriting", "getHost", "getPeer"):
             if not callable(getattr(probe, method, None)):
                 found.append(f"twisted.internet.tcp.Connection.{method}: missing")
     finally:
@@ -102,10 +113,12 @@ def _kind(kind: type | tuple[type, ...]) -> str:
     return " or ".join(k.__name__ for k in kinds)
 
 
-def _qualifies(leg: Any) -> bool:
-    """Whether the relay can take this leg's socket and keep the splice's rules."""
+def _qualifies(leg: Any, tls: bool = False) -> bool:
+    """Whether the relay can take this leg's socket and keep the splice's rules (``tls``: a TLS leg may do)."""
     transport = leg.transport
-    if type(transport) not in (tcp.Server, tcp.Client) or transport.TLS:
+    if type(transport) not in (tcp.Server, tcp.Client):
+        return False
+    if transport.TLS and not (tls and relaytls.qualifies(transport)):
         return False
     if leg.filter is not None or leg._preamble_eof is not None or leg.lost or leg.write_closed:
         return False
@@ -120,17 +133,33 @@ def _owed(transport: Any) -> bytes:
     return bytes(buffered) + b"".join(transport._tempDataBuffer)
 
 
-def hand_off(session: Any, relay: Any) -> bool:
+def hand_off(session: Any, relay: Any, tls: bool = False) -> bool:
     """Give a session's two legs to ``relay`` (a ``_relay.Relay``); False: join them in Python.
 
-    See the module notes for when it declines and what it changes.
+    ``tls``: the relay was given pyOpenSSL's OpenSSL (``relaytls.enable``),
+    so an originated TLS upstream leg may go too.  See the module notes for
+    when it declines and what it changes.
     """
     down, up = session.down, session.up
-    if down is None or up is None or not (_qualifies(down) and _qualifies(up)):
+    if down is None or up is None or not (_qualifies(down) and _qualifies(up, tls)):
         return False
     down_t, up_t = down.transport, up.transport
+    tls_b = None
+    if up_t.TLS:
+        tls_b = relaytls.take(up_t, down.pending)
+        down.pending.clear()  # written through the TLS layer, either way
+        down.pending_size = 0
+        if tls_b is None:
+            return False
     to_down = _owed(down_t) + b"".join(up.pending)
     to_up = _owed(up_t) + b"".join(down.pending)
+    # The reactor stops polling both sockets before the relay has them: once
+    # added, the relay may end the pair and close the descriptors at once (a
+    # quick client, a reset), and a number closed while still registered
+    # here could be reused by the next connection.
+    for transport in (down_t, up_t):
+        transport.stopReading()
+        transport.stopWriting()
     try:
         # Asked later of live upstreams (the admin's own-upstream check), when
         # the socket is no longer Twisted's to ask; kept in a slot the session
@@ -138,10 +167,17 @@ def hand_off(session: Any, relay: Any) -> bool:
         session.relayed_local = up_t.getHost()
         handle = relay.add(
             down_t.socket.fileno(), up_t.socket.fileno(), session,
-            to_a=to_down, to_b=to_up, eof_a=down.read_closed, eof_b=up.read_closed,
+            to_a=to_down, to_b=to_up, eof_a=down.read_closed, eof_b=up.read_closed, tls_b=tls_b,
         )
     except (OSError, ValueError, MemoryError):
+        for leg, transport in ((down, down_t), (up, up_t)):  # Twisted keeps them: polled again
+            if not leg.read_closed:
+                transport.startReading()
+            if transport.dataBuffer or transport._tempDataBuffer:
+                transport.startWriting()
         return False
+    if tls_b is not None:
+        relaytls.release(up_t)  # first: from here on the SSL object is the relay thread's alone
     # The relay owns both descriptors from here on: Twisted lets go of them.
     # Only attributes the objects already have are set, and classes swapped
     # rather than methods stored per instance: a new instance attribute would
@@ -150,8 +186,6 @@ def hand_off(session: Any, relay: Any) -> bool:
     for leg, transport in ((down, down_t), (up, up_t)):
         leg.pending.clear()
         leg.pending_size = 0
-        transport.stopReading()
-        transport.stopWriting()
         if transport.dataBuffer:  # else still the class's empty default: leave it so
             transport.dataBuffer = b""
         if transport.offset:
@@ -165,6 +199,8 @@ def hand_off(session: Any, relay: Any) -> bool:
         # few questions still asked, and the transport is freed.
         leg.transport = DetachedTransport(transport.getPeer(), session.relayed_local if leg is up else None)
     down.peer, up.peer = up, down
+    if tls_b is not None:
+        up.transport.relayed_tls = True
     Relayed.become(session, relay, handle)
     return True
 
@@ -179,7 +215,7 @@ class DetachedTransport:
     (:class:`RelayedLeg`) and nothing writes to a relayed leg.
     """
 
-    __slots__ = ("_peer", "_host", "connected", "disconnecting", "disconnected")
+    __slots__ = ("_peer", "_host", "connected", "disconnecting", "disconnected", "relayed_tls")
     TLS = False
     producer = None
 
@@ -189,6 +225,8 @@ class DetachedTransport:
         self.connected = True
         self.disconnecting = False
         self.disconnected = False
+        #: The relay carries this leg's TLS (an originated upstream), not Twisted.
+        self.relayed_tls = False
 
     def getPeer(self) -> Any:
         return self._peer
