@@ -290,11 +290,11 @@ class TargetsTests(TestCase):
 
     def test_names_need_the_ordinary_path(self) -> None:
         lane = QuickLane(listener=None, reactor=None)
-        self.assertIsNone(lane.targets(self.cluster([("10.0.0.1", 5432), ("db.example.com", 5432)], {})))
+        self.assertIsNone(lane.targets(self.cluster([("192.0.2.1", 5432), ("db.example.com", 5432)], {})))
 
     def test_literals_and_pins(self) -> None:
         lane = QuickLane(listener=None, reactor=None)
-        targets = lane.targets(self.cluster([("10.0.0.1", 5432), ("db.example.com", 6432), ("::1", 1)], {"db.example.com": "10.0.0.2"}))
+        targets = lane.targets(self.cluster([("192.0.2.1", 5432), ("db.example.com", 6432), ("::1", 1)], {"db.example.com": "192.0.2.2"}))
         assert targets is not None
-        self.assertEqual(sorted(t.sockaddr[:2] for t in targets.values()), [("10.0.0.1", 5432), ("10.0.0.2", 6432), ("::1", 1)])
+        self.assertEqual(sorted(t.sockaddr[:2] for t in targets.values()), [("192.0.2.1", 5432), ("192.0.2.2", 6432), ("::1", 1)])
         self.assertEqual({t.family for t in targets.values()}, {socket.AF_INET, socket.AF_INET6})
