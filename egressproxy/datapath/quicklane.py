@@ -34,8 +34,10 @@ run (:meth:`QuickLane.take` returns False before changing anything):
 
 - the listener is ``mode: tcp`` with ``upstream_connect: immediate``, no
   ``proxy_protocol``, and the compiled relay runs and takes new pairs;
-- every endpoint of the cluster is an IP address, or a name ``hosts:``
-  pins to one (a name is resolved per connection on the ordinary path);
+- every endpoint of the cluster is an IP address, a name ``hosts:`` pins
+  to one, or a name whose last lookup found exactly one address, at most a
+  few seconds ago (``lanenames.py``; the ordinary path resolves a name per
+  connection and races several addresses);
 - the client would be admitted (a refusal takes the ordinary path, whose
   machine gives it its flag and answer), the breaker has room, and no
   endpoint is one of the proxy's own listening sockets (flag ``IA`` there).
@@ -51,6 +53,7 @@ from typing import Any
 from twisted.internet import tcp
 from twisted.internet.address import IPv4Address, IPv6Address
 
+from egressproxy.datapath.lanenames import NameCache
 from egressproxy.datapath.quickdial import Dialing
 from egressproxy.datapath.relayjoin import DetachedTransport
 from egressproxy.datapath.sockopts import set_socket_options
@@ -132,6 +135,11 @@ class QuickLane:
         self._config_ok = False
         self._cluster_key: tuple[object, object] | None = None
         self._targets: dict[Any, Target] | None = None
+        #: The cluster's endpoints that are names, and their last targets.
+        self._names: list[Any] = []
+        self._named: dict[Any, Target] = {}
+        #: Those names' addresses, looked up in the background.
+        self.names = NameCache(reactor)
         #: The port's own transport class, for connections the lane leaves to the ordinary path.
         self.ordinary: Any = tcp.Server
         #: Connections the lane took (the rest took the ordinary path).
@@ -169,20 +177,32 @@ class QuickLane:
     # -- taking a connection ----------------------------------------------------------------
 
     def targets(self, cluster: Any) -> dict[Any, Target] | None:
-        """Each endpoint's :class:`Target`, or None when one needs a name resolved."""
+        """Each endpoint's :class:`Target`, or None when a name has no usable answer yet (``lanenames.py``)."""
         key = (cluster.config, cluster.pinned)
         if key != self._cluster_key:
-            targets: dict[Any, Target] | None = {}
+            literal: dict[Any, Target] = {}
+            names = []
             for address in cluster.config.endpoints:
                 host = cluster.pinned(address.host) or address.host
                 try:
-                    targets[address] = Target(ipaddress.ip_address(host), address.port)  # type: ignore[index]
+                    literal[address] = Target(ipaddress.ip_address(host), address.port)
                 except ValueError:
-                    targets = None
-                    break
+                    names.append(address)
             self._cluster_key = key
-            self._targets = targets
-        return self._targets
+            self._targets = literal
+            self._names = names
+        if not self._names:
+            return self._targets
+        targets = dict(self._targets)  # type: ignore[arg-type]
+        for address in self._names:
+            ip = self.names.address(address.host)
+            if ip is None:
+                return None
+            target = self._named.get(address)
+            if target is None or target.ip != ip:
+                target = self._named[address] = Target(ip, address.port)
+            targets[address] = target
+        return targets
 
     def take(self, skt: socket.socket, peer: Any) -> bool:
         """Admit, reserve and start dialling; False (nothing changed): the ordinary path takes it."""

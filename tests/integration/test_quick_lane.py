@@ -14,10 +14,16 @@ import socket
 from typing import Any
 
 from twisted.internet import protocol, reactor
+from twisted.internet._resolver import HostResolution
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.interfaces import IHostnameResolver
+from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
+from zope.interface import implementer
 
 from egressproxy.datapath import quickdial
+from egressproxy.datapath.lanenames import NameCache
 from egressproxy.datapath.quicklane import QuickLane, port_supported
 from egressproxy.observe import statusdata
 from tests.integration.proxy import InProcessProxy, inline, wait_until
@@ -258,6 +264,123 @@ clusters:
         self.assertEqual(self.lane(proxy).taken, 0)
 
 
+@implementer(IHostnameResolver)
+class FakeResolver:
+    """The test's own name resolver (no lookup leaves the process): name → addresses."""
+
+    def __init__(self, answers: dict[str, list[str]]) -> None:
+        self.answers = answers
+        self.asked: list[str] = []
+
+    def resolveHostName(self, receiver: Any, hostName: str, portNumber: int = 0, addressTypes: Any = None,
+                        transportSemantics: str = "TCP") -> Any:
+        self.asked.append(hostName)
+        receiver.resolutionBegan(HostResolution(hostName))
+        for ip in self.answers.get(hostName, []):
+            receiver.addressResolved((IPv6Address if ":" in ip else IPv4Address)("TCP", ip, portNumber))
+        receiver.resolutionComplete()
+        return HostResolution(hostName)
+
+
+class NamedUpstreamTests(TestCase):
+    """Names the lane may dial: one address, looked up in the background (lanenames.py)."""
+
+    def setUp(self) -> None:
+        relay_module()
+        self.resolver = FakeResolver({"db.egress.test": ["127.0.0.1"], "pool.egress.test": ["127.0.0.1", "127.0.0.2"]})
+        previous = reactor.installNameResolver(self.resolver)
+        self.addCleanup(reactor.installNameResolver, previous)
+
+    def proxy(self, name: str) -> tuple[InProcessProxy, int]:
+        up = reactor.listenTCP(0, protocol.Factory.forProtocol(Echo), interface="127.0.0.1")
+        self.addCleanup(up.stopListening)
+        port = up.getHost().port
+        return InProcessProxy(self, f"""
+fast_path: relay
+listeners:
+  - name: direct
+    listen: "127.0.0.1:0"
+    cluster: up
+clusters:
+  - name: up
+    endpoints: ["{name}:{port}"]
+    connect_timeout: 2s
+"""), port
+
+    async def echo(self, proxy: InProcessProxy) -> None:
+        client = await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", proxy.port("direct")), Client())
+        client.transport.write(b"ping")
+        await wait_until(lambda: client.received == b"ping")
+        client.transport.loseConnection()
+        await wait_until(lambda: client.closed)
+
+    @inline
+    async def test_single_address_name_taken_after_its_lookup(self) -> None:
+        """The first connection takes the ordinary path while the name is looked up; later ones the lane."""
+        proxy, port = self.proxy("db.egress.test")
+        lane = proxy.service.ports["direct"].factory.lane
+        await self.echo(proxy)
+        self.assertEqual(lane.taken, 0)
+        await self.echo(proxy)
+        await self.echo(proxy)
+        self.assertEqual(lane.taken, 2)
+        lines = await proxy.wait_for_lines(3)
+        self.assertTrue(all(f" db.egress.test:{port} 4 4 " in line for line in lines), lines)
+
+    @inline
+    async def test_several_addresses_stay_on_the_ordinary_path(self) -> None:
+        """A name with two addresses is raced by HostnameEndpoint, never dialled by the lane."""
+        proxy, _ = self.proxy("pool.egress.test")
+        lane = proxy.service.ports["direct"].factory.lane
+        for _ in range(3):
+            await self.echo(proxy)
+        self.assertEqual(lane.taken, 0)
+
+
+class NameCacheTests(TestCase):
+    """The lane's answers: fresh, stale while refreshed, too stale, forgotten."""
+
+    def cache(self, answers: dict[str, list[str]]) -> tuple[NameCache, Clock, FakeResolver]:
+        clock = Clock()
+        resolver = FakeResolver(answers)
+        clock.nameResolver = resolver  # type: ignore[attr-defined]
+        return NameCache(clock, ttl=5.0, stale_limit=30.0), clock, resolver
+
+    def test_first_ask_looks_up_and_later_asks_reuse(self) -> None:
+        cache, clock, resolver = self.cache({"a.test": ["192.0.2.1"]})
+        self.assertIsNone(cache.address("a.test"))  # the first connection: ordinary path
+        self.assertEqual(str(cache.address("a.test")), "192.0.2.1")
+        clock.advance(4.9)
+        cache.address("a.test")
+        self.assertEqual(resolver.asked, ["a.test"])
+
+    def test_stale_answer_used_while_refreshed_then_dropped(self) -> None:
+        cache, clock, resolver = self.cache({"a.test": ["192.0.2.1"]})
+        cache.address("a.test")
+        clock.advance(6)
+        resolver.answers["a.test"] = ["192.0.2.9"]
+        self.assertEqual(str(cache.address("a.test")), "192.0.2.1")  # served while the lookup ran (synchronous here)
+        self.assertEqual(str(cache.address("a.test")), "192.0.2.9")
+        resolver.answers["a.test"] = []
+        clock.advance(6)
+        cache.address("a.test")
+        self.assertIsNone(cache.address("a.test"))  # found nothing: forgotten
+
+    def test_several_addresses_give_none(self) -> None:
+        cache, _, _ = self.cache({"pool.test": ["192.0.2.1", "192.0.2.2"]})
+        cache.address("pool.test")
+        self.assertIsNone(cache.address("pool.test"))
+
+    def test_too_stale_is_not_used(self) -> None:
+        cache, clock, resolver = self.cache({"a.test": ["192.0.2.1"]})
+        cache.address("a.test")
+        hung: list[Any] = []
+        resolver.resolveHostName = lambda receiver, *a, **k: hung.append(receiver)  # type: ignore[method-assign]
+        clock.advance(31)
+        self.assertIsNone(cache.address("a.test"))  # the lookup hangs: older than the limit is not used
+        self.assertEqual(len(hung), 1)
+
+
 class PortSupportTests(TestCase):
     def test_this_twisted_is_supported(self) -> None:
         """The Twisted the tests run on makes transports through Port.transport (checked from its source)."""
@@ -288,9 +411,15 @@ class TargetsTests(TestCase):
         cluster.pinned = pins.get  # type: ignore[attr-defined]
         return cluster
 
-    def test_names_need_the_ordinary_path(self) -> None:
-        lane = QuickLane(listener=None, reactor=None)
-        self.assertIsNone(lane.targets(self.cluster([("192.0.2.1", 5432), ("db.example.com", 5432)], {})))
+    def test_names_wait_for_their_lookup(self) -> None:
+        clock = Clock()
+        clock.nameResolver = FakeResolver({"db.example.com": ["192.0.2.3"]})  # type: ignore[attr-defined]
+        lane = QuickLane(listener=None, reactor=clock)
+        cluster = self.cluster([("192.0.2.1", 5432), ("db.example.com", 5432)], {})
+        self.assertIsNone(lane.targets(cluster))
+        targets = lane.targets(cluster)
+        assert targets is not None
+        self.assertEqual(sorted(t.sockaddr[:2] for t in targets.values()), [("192.0.2.1", 5432), ("192.0.2.3", 5432)])
 
     def test_literals_and_pins(self) -> None:
         lane = QuickLane(listener=None, reactor=None)
