@@ -46,7 +46,19 @@ SHARED = SharedLab()
 
 
 def tunnel_lines(stderr: str) -> list[re.Match[str]]:
-    return [m for m in (LINE.match(line) for line in stderr.splitlines()) if m]
+    """The tunnel's access lines in ``stderr``.
+
+    The wrapped command (curl) shares the tunnel's stderr, and its own
+    message can be split around an access line ("c" ... "url: (35) ..."),
+    so a line is found where it starts, not only at a line's start.
+    """
+    found = []
+    for line in stderr.splitlines():
+        start = line.find("[")
+        m = LINE.match(line[start:]) if start >= 0 else None
+        if m:
+            found.append(m)
+    return found
 
 
 class TunnelNetnsTests(SynchronousTestCase):
