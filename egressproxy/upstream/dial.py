@@ -62,7 +62,8 @@ def client_endpoint(reactor: IReactorTime, host: str, port: int, timeout: float)
 
     ``HostnameEndpoint`` resolves even a literal through the reactor's
     threaded resolver: a thread round trip on every new connection.  Pinned
-    and literal addresses skip it; names are still resolved per connection.
+    and literal addresses skip it; names are still resolved per connection
+    (the quick lane's own name cache is ``datapath/lanenames.py``).
     """
     try:
         ip = ipaddress.ip_address(host)
