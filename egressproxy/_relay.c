@@ -296,6 +296,36 @@ static int socket_error(int fd) {
 
 /* -- the pump: move what can move, in both directions ------------------------ */
 
+/* Send q[d] to its destination; 1: the queue is empty now, 0: stop (full, or the pair errored). */
+static int send_queue(Relay *r, pair *p, int d) {
+    side_t *dst = &p->s[1 - d];
+    queue_t *q = &p->q[d];
+    while (q->len) {
+        if (!dst->writable)
+            return 0;
+        ssize_t n = send(dst->fd, q->buf + q->off, q->len, MSG_NOSIGNAL | MSG_DONTWAIT);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            if (errno == EAGAIN || errno == EWOULDBLOCK) {
+                dst->writable = 0;
+                return 0;
+            }
+            side_error(r, p, 1 - d);
+            return 0;
+        }
+        q->off += (size_t)n;
+        q->len -= (size_t)n;
+        store_u64(&p->held[d], q->len);
+        if (q->len) {
+            dst->writable = 0;
+            return 0;
+        }
+    }
+    queue_free(q);
+    return 1;
+}
+
 /* Returns 1 when direction d stopped only because its read budget ran out. */
 static int pump_dir(Relay *r, pair *p, int d, int *budget) {
     side_t *src = &p->s[d], *dst = &p->s[1 - d];
@@ -303,29 +333,8 @@ static int pump_dir(Relay *r, pair *p, int d, int *budget) {
     for (;;) {
         if (p->state == ENDED || dst->closed)
             return 0;
-        if (q->len) {
-            if (!dst->writable)
-                return 0;
-            ssize_t n = send(dst->fd, q->buf + q->off, q->len, MSG_NOSIGNAL | MSG_DONTWAIT);
-            if (n < 0) {
-                if (errno == EINTR)
-                    continue;
-                if (errno == EAGAIN || errno == EWOULDBLOCK) {
-                    dst->writable = 0;
-                    return 0;
-                }
-                side_error(r, p, 1 - d);
-                return 0;
-            }
-            q->off += (size_t)n;
-            q->len -= (size_t)n;
-            store_u64(&p->held[d], q->len);
-            if (q->len) {
-                dst->writable = 0;
-                return 0;
-            }
-            queue_free(q);
-        }
+        if (q->len && !send_queue(r, p, d))
+            return 0;
         /* the queue is empty */
         if (src->eof) {
             if (!dst->shut && p->state == ACTIVE) {

@@ -108,36 +108,6 @@ static void tls_adopt(tls_side *t) {
     t->more = 1;
 }
 
-/* Send q[d] to its destination; 1: the queue is empty now, 0: stop (full, or the pair errored). */
-static int tls_send_queue(Relay *r, pair *p, int d) {
-    side_t *dst = &p->s[1 - d];
-    queue_t *q = &p->q[d];
-    while (q->len) {
-        if (!dst->writable)
-            return 0;
-        ssize_t n = send(dst->fd, q->buf + q->off, q->len, MSG_NOSIGNAL | MSG_DONTWAIT);
-        if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            if (errno == EAGAIN || errno == EWOULDBLOCK) {
-                dst->writable = 0;
-                return 0;
-            }
-            side_error(r, p, 1 - d);
-            return 0;
-        }
-        q->off += (size_t)n;
-        q->len -= (size_t)n;
-        store_u64(&p->held[d], q->len);
-        if (q->len) {
-            dst->writable = 0;
-            return 0;
-        }
-    }
-    queue_free(q);
-    return 1;
-}
-
 /* Send `n` bytes towards side 1-d: at once when nothing is queued, the rest into q[d]. -1: the pair errored. */
 static int tls_forward(Relay *r, pair *p, int d, const char *data, size_t n) {
     side_t *dst = &p->s[1 - d];
@@ -215,9 +185,9 @@ static void tls_closed_by_server(Relay *r, pair *p) {
     start_closing(r, p, r->linger);
     /* what is queued goes now; check_end (after the pump) closes what is flushed */
     if (p->q[0].len)
-        tls_send_queue(r, p, 0);
+        send_queue(r, p, 0);
     if (p->state != ENDED && p->q[1].len)
-        tls_send_queue(r, p, 1);
+        send_queue(r, p, 1);
 }
 
 /* a -> b: plaintext read from a, encrypted, sent to b. Returns 1 when the read budget ran out. */
@@ -227,7 +197,7 @@ static int tls_pump_up(Relay *r, pair *p, int *budget) {
     for (;;) {
         if (p->state == ENDED || dst->closed)
             return 0;
-        if (p->q[0].len && !tls_send_queue(r, p, 0))
+        if (p->q[0].len && !send_queue(r, p, 0))
             return 0;
         if (src->eof) {
             if (!dst->shut && p->state == ACTIVE) {
@@ -297,7 +267,7 @@ static int tls_pump_down(Relay *r, pair *p, int *budget) {
     for (;;) {
         if (p->state == ENDED || dst->closed)
             return 0;
-        if (p->q[1].len && !tls_send_queue(r, p, 1))
+        if (p->q[1].len && !send_queue(r, p, 1))
             return 0;
         if (src->eof) {
             if (!dst->shut && p->state == ACTIVE) {
